@@ -1,0 +1,219 @@
+"""Where was a parameter frozen? Dynamically while the model is built, or statically.
+
+* :class:`FreezeWatch` — wrap model construction (``with FreezeWatch() as watch:
+  model = build()``); it records, for every tensor set to ``requires_grad=False``
+  (``p.requires_grad = False``, ``p.requires_grad_(False)``,
+  ``module.requires_grad_(False)``), the first user frame that did it. The CLI wraps
+  ``--factory`` functions and the MEMModel adapter's loading in one.
+* :func:`static_freeze_sites` — for a model built elsewhere, scan the source of the
+  model's own classes for freezing statements and match them to parameter names by
+  the object they freeze (``self.parameters()`` covers everything in that module,
+  ``self.proj.requires_grad_(False)`` covers ``proj``).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import sys
+import weakref
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .source import CodeClassifier, SourceLocation, dotted_name, frame_location, iter_frames, parse_file, source_line
+
+_REQUIRES_GRAD_SET = torch.Tensor.requires_grad.__set__  # type: ignore[attr-defined]
+_REQUIRES_GRAD_ = torch.Tensor.requires_grad_
+
+
+class FreezeWatch(TorchFunctionMode):
+    """Record where tensors were frozen while the code inside the block runs.
+
+    Args:
+        classifier: decides which frame is the user's (default: cwd is the user's tree).
+
+    After the block, :meth:`sites_for` maps a model's parameter names to locations.
+    """
+
+    def __init__(self, classifier: Optional[CodeClassifier] = None) -> None:
+        super().__init__()
+        self.classifier = classifier or CodeClassifier()
+        self._sites: dict[int, tuple[Any, SourceLocation]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if kwargs is None:
+            kwargs = {}
+        if func is _REQUIRES_GRAD_ or func is _REQUIRES_GRAD_SET:
+            value = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
+            tensor = args[0] if args else None
+            if isinstance(tensor, torch.Tensor):
+                self._note(tensor, bool(value))
+        return func(*args, **kwargs)
+
+    def _note(self, tensor: torch.Tensor, requires_grad: bool) -> None:
+        key = id(tensor)
+        if requires_grad:
+            self._sites.pop(key, None)
+            return
+        location = None
+        library = None
+        for frame in iter_frames(sys._getframe(3)):
+            kind = self.classifier.kind(frame.f_code.co_filename)
+            if kind == "user":
+                location = frame_location(frame)
+                break
+            if kind == "library" and library is None:
+                library = frame_location(frame)
+        location = location or library
+        if location is not None:
+            try:
+                ref: Any = weakref.ref(tensor)
+            except TypeError:
+                ref = None
+            self._sites[key] = (ref, location)
+
+    def sites_for(self, model: nn.Module) -> dict[str, SourceLocation]:
+        """Parameter name -> where it was (last) frozen, for the model's frozen params."""
+        out: dict[str, SourceLocation] = {}
+        for name, p in model.named_parameters():
+            entry = self._sites.get(id(p))
+            if entry is None or p.requires_grad:
+                continue
+            ref, location = entry
+            if ref is not None and ref() is not p:
+                continue  # the id was reused by another tensor
+            out[name] = location
+        return out
+
+
+def _freeze_target(node: ast.AST) -> Optional[tuple[ast.AST, int]]:
+    """If ``node`` freezes something, return (object expression, line)."""
+    if isinstance(node, ast.Assign):
+        for target in node.targets:
+            if (
+                isinstance(target, ast.Attribute)
+                and target.attr == "requires_grad"
+                and isinstance(node.value, ast.Constant)
+                and node.value.value is False
+            ):
+                return target.value, node.lineno
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+        call = node.value
+        if isinstance(call.func, ast.Attribute) and call.func.attr == "requires_grad_":
+            arg = call.args[0] if call.args else next(
+                (k.value for k in call.keywords if k.arg == "requires_grad"), None
+            )
+            if isinstance(arg, ast.Constant) and arg.value is False:
+                return call.func.value, node.lineno
+    return None
+
+
+def _scope_of(expr: ast.AST, loops: dict[str, ast.AST]) -> Optional[str]:
+    """Module path (relative to ``self``) an expression covers; ``""`` for all of self."""
+    if isinstance(expr, ast.Name) and expr.id in loops:
+        expr = loops[expr.id]
+    if isinstance(expr, ast.Call):
+        expr = expr.func
+        if isinstance(expr, ast.Attribute) and expr.attr in ("parameters", "named_parameters", "modules", "children"):
+            expr = expr.value
+    name = dotted_name(expr)
+    if name is None:
+        return None
+    if name == "self":
+        return ""
+    if name.startswith("self."):
+        path = name[len("self.") :]
+        for suffix in (".weight", ".bias"):
+            if path.endswith(suffix):
+                return path
+        return path
+    return None
+
+
+def _scan_class(cls: type) -> list[tuple[str, SourceLocation]]:
+    try:
+        filename = inspect.getsourcefile(cls)
+        _, first = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        return []
+    if filename is None:
+        return []
+    tree = parse_file(filename)
+    if tree is None:
+        return []
+    class_node = next(
+        (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls.__name__
+         and (n.lineno == first or any(d.lineno == first for d in n.decorator_list))),
+        None,
+    )
+    if class_node is None:
+        return []
+    found: list[tuple[str, SourceLocation]] = []
+    for func in class_node.body:
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        loops: dict[str, ast.AST] = {}
+        for node in ast.walk(func):
+            if isinstance(node, (ast.For, ast.comprehension)):
+                target = node.target
+                names = [target] if isinstance(target, ast.Name) else list(getattr(target, "elts", []))
+                for t in names:
+                    if isinstance(t, ast.Name):
+                        loops[t.id] = node.iter
+        for node in ast.walk(func):
+            hit = _freeze_target(node)
+            if hit is None:
+                continue
+            expr, line = hit
+            scope = _scope_of(expr, loops)
+            if scope is None:
+                continue
+            found.append((scope, SourceLocation(filename, line, func.name, source_line(filename, line))))
+    return found
+
+
+def static_freeze_sites(
+    model: nn.Module, frozen_names: list[str], classifier: Optional[CodeClassifier] = None
+) -> dict[str, SourceLocation]:
+    """Best guess at the statement that froze each of ``frozen_names``.
+
+    Scans the classes (user code only) of the model's modules for freezing
+    statements; a statement freezing ``self.X`` inside the module named ``M`` covers
+    parameters under ``M.X``; the most specific cover wins.
+    """
+    classifier = classifier or CodeClassifier()
+    covers: list[tuple[str, SourceLocation]] = []
+    seen: set[type] = set()
+    for module_name, module in model.named_modules():
+        cls = type(module)
+        for klass in cls.__mro__:
+            if klass in (nn.Module, object) or not isinstance(klass, type):
+                continue
+            try:
+                filename = inspect.getsourcefile(klass)
+            except TypeError:
+                continue
+            if filename is None or not classifier.is_user(filename):
+                continue
+            if (klass, module_name) in seen:  # type: ignore[comparison-overlap]
+                continue
+            seen.add((klass, module_name))  # type: ignore[arg-type]
+            for scope, location in _scan_class(klass):
+                prefix = ".".join(p for p in (module_name, scope) if p)
+                covers.append((prefix, location))
+    out: dict[str, SourceLocation] = {}
+    for name in frozen_names:
+        best: Optional[tuple[str, SourceLocation]] = None
+        for prefix, location in covers:
+            if prefix == "" or name == prefix or name.startswith(prefix + "."):
+                if best is None or len(prefix) > len(best[0]):
+                    best = (prefix, location)
+        if best is not None:
+            out[name] = best[1]
+    return out
+
+
+__all__ = ["FreezeWatch", "static_freeze_sites"]

@@ -1,0 +1,301 @@
+"""Parameter counts per module, in the user's own format, and trainability checks.
+
+The user's healthy state reads::
+
+    trainable params: 18,882,560 || all params: 8,607,498,496 || trainable%: 0.2194%
+    Detailed breakdown:
+      base_llm_model trainable params: 0 (should be 0)
+      ocr_embed trainable params: 0 (should be 0)
+      proj trainable params: 18,882,560
+
+:func:`parameter_table` computes those numbers for any ``nn.Module`` (shared
+parameters counted once) and :func:`check_expectations` turns ``expect_trainable``
+prefixes into findings.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+from torch import nn
+
+from .causes import ERROR, NO_TRAINABLE_PARAMS, NOT_TRAINABLE, Finding, format_params
+
+
+@dataclass
+class ModuleParams:
+    """Parameter counts of one module subtree.
+
+    Attributes:
+        name: qualified module name (``""`` for the root).
+        total: number of parameter elements in the subtree.
+        trainable: elements with ``requires_grad=True``.
+        children: the child subtrees (only filled down to the requested depth).
+    """
+
+    name: str
+    total: int
+    trainable: int
+    children: list["ModuleParams"] = field(default_factory=list)
+
+    @property
+    def frozen(self) -> int:
+        """Elements with ``requires_grad=False``."""
+        return self.total - self.trainable
+
+    def to_json(self) -> dict[str, Any]:
+        """Nested ``{"name", "total", "trainable", "children"}``."""
+        data: dict[str, Any] = {"name": self.name, "total": self.total, "trainable": self.trainable}
+        if self.children:
+            data["children"] = [c.to_json() for c in self.children]
+        return data
+
+
+@dataclass
+class ParameterTable:
+    """Totals for a model plus the per-module breakdown at the report level.
+
+    Attributes:
+        total: all parameter elements (shared parameters once).
+        trainable: elements with ``requires_grad=True``.
+        modules: report-level modules in registration order.
+        tree: the nested tree from the root (depth-limited).
+        expected: report-level module name -> whether ``expect_trainable`` covers it
+            (empty when no expectation was given).
+    """
+
+    total: int
+    trainable: int
+    modules: list[ModuleParams]
+    tree: ModuleParams
+    expected: dict[str, bool] = field(default_factory=dict)
+
+    def summary_line(self) -> str:
+        """The user's one-line format, thousands separators and 4 decimals."""
+        percent = 100.0 * self.trainable / self.total if self.total else 0.0
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} "
+            f"|| trainable%: {percent:.4f}%"
+        )
+
+    def breakdown_lines(self) -> list[str]:
+        """``  proj trainable params: N`` lines; ``(should be 0)`` on frozen-by-design modules."""
+        lines = []
+        for module in self.modules:
+            line = f"  {module.name} trainable params: {module.trainable:,}"
+            if self.expected:
+                if not self.expected.get(module.name, False):
+                    line += " (should be 0)" if module.trainable == 0 else " (expected 0)"
+            elif module.trainable == 0:
+                line += " (frozen)"
+            lines.append(line)
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"total", "trainable", "modules": {NAME: {"total", "trainable"}}, ...}``."""
+        return {
+            "total": self.total,
+            "trainable": self.trainable,
+            "modules": {m.name: {"total": m.total, "trainable": m.trainable} for m in self.modules},
+            "line": self.summary_line(),
+            "tree": self.tree.to_json(),
+        }
+
+
+def report_level_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules a report talks about.
+
+    The root's children, except that wrappers with a single parameter-holding child
+    (``PeftModel`` -> ``LoraModel`` -> ``LlamaForCausalLM``) are looked through, so a
+    LoRA model reports ``base_model.model.model`` and ``base_model.model.lm_head``
+    instead of one opaque ``base_model``. Parameters owned directly by a looked-through
+    module are reported under that module's own name.
+    """
+    prefix = ""
+    current = model
+    for _ in range(8):  # wrappers are shallow; bound the loop anyway
+        holding = [(n, c) for n, c in current.named_children() if _has_params(c)]
+        if len(holding) != 1 or any(True for _ in current.parameters(recurse=False)):
+            break
+        name, current = holding[0]
+        prefix = f"{prefix}{name}."
+    children = [(f"{prefix}{n}", c) for n, c in current.named_children()]
+    if any(True for _ in current.parameters(recurse=False)) or not children:
+        own = prefix.rstrip(".") or "(root)"
+        children.insert(0, (own + ":own" if children else own, current))
+    return children
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _count(params: Iterable[nn.Parameter], seen: Optional[set[int]] = None) -> tuple[int, int]:
+    total = trainable = 0
+    for p in params:
+        if seen is not None:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable
+
+
+def _tree(name: str, module: nn.Module, depth: int) -> ModuleParams:
+    total, trainable = _count(module.parameters())
+    node = ModuleParams(name, total, trainable)
+    if depth > 0:
+        for child_name, child in module.named_children():
+            qualified = f"{name}.{child_name}" if name else child_name
+            node.children.append(_tree(qualified, child, depth - 1))
+    return node
+
+
+def parameter_table(
+    model: nn.Module, expect_trainable: Optional[Sequence[str]] = None, tree_depth: int = 3
+) -> ParameterTable:
+    """Count parameters of ``model``.
+
+    Args:
+        model: any module.
+        expect_trainable: parameter-name prefixes (or ``fnmatch`` patterns) expected
+            to train; used for the ``(should be 0)`` markers.
+        tree_depth: depth of the nested tree in the JSON output.
+
+    Returns:
+        The table; shared (tied) parameters are counted once in the totals.
+    """
+    total, trainable = _count(model.parameters())
+    modules = []
+    for name, module in report_level_modules(model):
+        if name.endswith(":own"):
+            t, tr = _count(module.parameters(recurse=False))
+        else:
+            t, tr = _count(module.parameters())
+        modules.append(ModuleParams(name, t, tr))
+    expected: dict[str, bool] = {}
+    if expect_trainable:
+        names = [n for n, _ in model.named_parameters()]
+        for module in modules:
+            base = module.name.removesuffix(":own")
+            expected[module.name] = any(
+                matches(n, p) for p in expect_trainable for n in names if _under(n, base)
+            )
+    return ParameterTable(total, trainable, modules, _tree("", model, tree_depth), expected)
+
+
+def _under(param_name: str, module_name: str) -> bool:
+    return module_name in ("", "(root)") or param_name.startswith(module_name + ".")
+
+
+def matches(param_name: str, pattern: str) -> bool:
+    """Whether ``param_name`` falls under an ``expect_trainable`` entry.
+
+    An entry is a dotted prefix (``proj`` matches ``proj.0.weight`` but not
+    ``projector.weight``), an exact name, or an ``fnmatch`` pattern when it contains
+    ``*``, ``?`` or ``[`` (``*lora_*``).
+    """
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(param_name, pattern)
+    pattern = pattern.rstrip(".")
+    return param_name == pattern or param_name.startswith(pattern + ".")
+
+
+def check_expectations(
+    model: nn.Module,
+    expect_trainable: Optional[Sequence[str]] = None,
+    freeze_sites: Optional[dict[str, Any]] = None,
+) -> list[Finding]:
+    """Findings for a model with no trainable parameters or unmet expectations.
+
+    Args:
+        model: the model.
+        expect_trainable: prefixes/patterns that must match at least one parameter,
+            all with ``requires_grad=True``.
+        freeze_sites: parameter name -> :class:`~diagnostics.source.SourceLocation`
+            of the statement that froze it (from a construction watch or the static
+            scan), used to point at the line.
+
+    Returns:
+        ``no_trainable_params`` / ``not_trainable`` errors.
+    """
+    findings: list[Finding] = []
+    named = list(model.named_parameters())
+    if not any(p.requires_grad for _, p in named):
+        findings.append(
+            Finding(
+                ERROR,
+                NO_TRAINABLE_PARAMS,
+                f"the model has no trainable parameter ({len(named)} parameter tensors, all "
+                "requires_grad=False): the loss can have no grad_fn. Unfreeze the part you "
+                "mean to train, e.g. `model.proj.requires_grad_(True)`.",
+            )
+        )
+    for pattern in expect_trainable or ():
+        hits = [(n, p) for n, p in named if matches(n, pattern)]
+        if not hits:
+            near = sorted({n.split(".")[0] for n, _ in named})
+            findings.append(
+                Finding(
+                    ERROR,
+                    NOT_TRAINABLE,
+                    f"expected trainable `{pattern}` matches no parameter of the model "
+                    f"(top-level names: {format_params(near, 8)}). If the module exists but "
+                    "is kept in a plain list/dict it is not registered: use nn.ModuleList / "
+                    "nn.ModuleDict or assign it as an attribute.",
+                    module=pattern,
+                    extra={"pattern": pattern},
+                )
+            )
+            continue
+        frozen = [n for n, p in hits if not p.requires_grad]
+        if not frozen:
+            continue
+        site = None
+        if freeze_sites:
+            site = next((freeze_sites[n] for n in frozen if n in freeze_sites), None)
+        where = ""
+        if site is not None:
+            where = f"; frozen by `{site.code or 'requires_grad=False'}` at {site.display()}"
+        module_name = pattern if not any(ch in pattern for ch in "*?[") else None
+        unfreeze = (
+            f"`model.{pattern}.requires_grad_(True)`"
+            if module_name
+            else "`p.requires_grad_(True)` for the matching parameters"
+        )
+        findings.append(
+            Finding(
+                ERROR,
+                NOT_TRAINABLE,
+                f"{format_params(frozen)} ({len(frozen)} of {len(hits)} tensors under "
+                f"`{pattern}`) have requires_grad=False although `{pattern}` is expected to "
+                f"train{where} — unfreeze them after the freezing code: {unfreeze}.",
+                module=module_name,
+                params=frozen,
+                file=_display(site.file) if site else None,
+                line=site.line if site else None,
+                extra={"pattern": pattern},
+            )
+        )
+    return findings
+
+
+def _display(path: str) -> str:
+    from .source import display_path
+
+    return display_path(path)
+
+
+__all__ = [
+    "ModuleParams",
+    "ParameterTable",
+    "check_expectations",
+    "matches",
+    "parameter_table",
+    "report_level_modules",
+]

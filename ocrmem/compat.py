@@ -1,0 +1,126 @@
+"""Every difference between the supported transformers versions (4.46.3 .. newest 5.x), in one place.
+
+Nothing else in ``ocrmem`` or ``diagnostics`` may branch on a transformers version: ask this
+module instead. Each helper checks for the *feature* (a parameter name, an attribute) rather
+than comparing version strings, so a release that back-ports or renames something is handled
+by the same code path.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+TRANSFORMERS_VERSION: str = transformers.__version__
+
+
+def has_qwen3() -> bool:
+    """Qwen3 arrived in transformers 4.51; older versions get Qwen2 for the tiny preset."""
+    return hasattr(transformers, "Qwen3ForCausalLM")
+
+
+def tiny_llm_classes() -> tuple[type, type]:
+    """The (config class, model class) pair the tiny preset builds: Qwen3, else Qwen2."""
+    if has_qwen3():
+        return transformers.Qwen3Config, transformers.Qwen3ForCausalLM
+    return transformers.Qwen2Config, transformers.Qwen2ForCausalLM
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+
+
+def dtype_kwarg(dtype: torch.dtype | str | None) -> dict[str, Any]:
+    """``from_pretrained`` takes ``dtype=`` in 5.x and ``torch_dtype=`` before."""
+    if dtype is None:
+        return {}
+    # 5.x renamed the config field (and the from_pretrained kwarg) `torch_dtype` -> `dtype`.
+    params = inspect.signature(transformers.PretrainedConfig.__init__).parameters
+    key = "dtype" if "dtype" in params else "torch_dtype"
+    return {key: dtype}
+
+
+def load_causal_lm(path: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a local causal LM directory with no network access and no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **dtype_kwarg(dtype))
+
+
+def trainer_processing_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Rename ``tokenizer=`` to ``processing_class=`` (the name every supported version knows).
+
+    ``tokenizer`` was deprecated in 4.46 (FutureWarning) and removed in 5.0; ``processing_class``
+    exists from 4.46 on, so forwarding the new name is silent everywhere.
+    """
+    kwargs = dict(kwargs)
+    if "tokenizer" in kwargs:
+        tokenizer = kwargs.pop("tokenizer")
+        if kwargs.get("processing_class") is not None and tokenizer is not None:
+            raise ValueError(
+                "Pass either `tokenizer` or `processing_class` to the trainer, not both "
+                "(`tokenizer` is the old name of `processing_class`)."
+            )
+        if kwargs.get("processing_class") is None:
+            kwargs["processing_class"] = tokenizer
+    return kwargs
+
+
+def training_args_checkpointing(enabled: bool, use_reentrant: bool = False) -> dict[str, Any]:
+    """TrainingArguments kwargs turning activation checkpointing on (5.x) / gradient checkpointing (4.x)."""
+    from transformers import TrainingArguments
+
+    params = inspect.signature(TrainingArguments.__init__).parameters
+    prefix = "activation" if "activation_checkpointing" in params else "gradient"
+    if not enabled:
+        return {f"{prefix}_checkpointing": False}
+    return {
+        f"{prefix}_checkpointing": True,
+        f"{prefix}_checkpointing_kwargs": {"use_reentrant": use_reentrant},
+    }
+
+
+def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+    """Turn on HF activation checkpointing of ``model`` (named gradient checkpointing before 5.x)."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def disable_activation_checkpointing(model: nn.Module) -> None:
+    """Undo :func:`enable_activation_checkpointing`."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def is_activation_checkpointing(model: nn.Module) -> bool:
+    """Whether HF activation checkpointing is on for ``model``."""
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(model, attr):
+            return bool(getattr(model, attr))
+    return False
+
+
+__all__ = [
+    "TRANSFORMERS_VERSION",
+    "disable_activation_checkpointing",
+    "dtype_kwarg",
+    "enable_activation_checkpointing",
+    "has_qwen3",
+    "is_activation_checkpointing",
+    "load_causal_lm",
+    "tiny_llm_classes",
+    "trainer_processing_kwargs",
+    "training_args_checkpointing",
+]

@@ -1,0 +1,172 @@
+"""Fast-path data: render history pages in DataLoader workers, lay out memory tokens, mask labels.
+
+An example is a dict with ``history`` (text to compress: older chat turns), ``prompt`` (the
+recent user turn) and ``response`` (the assistant answer trained on) — or ``messages`` in the
+user's JSONL chat format, split by :func:`split_chat`. The collator produces::
+
+    input_ids       (B, L)   [<|image_pad|> x pages*T] + recent chat tokens, left-padded
+    attention_mask  (B, L)
+    labels          (B, L)   -100 everywhere except the response (and its <|im_end|>)
+    pixel_values    (P, 3, S, S)  all pages of all rows, row order; P may be 0
+
+Any number of pages per row, zero included; the model's ``masked_scatter`` puts page features
+where the memory tokens are.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .modeling import IGNORE_INDEX, left_pad
+from .rendering import PageRenderer
+
+
+def format_turn(role: str, content: str) -> str:
+    """One Qwen chat-template turn."""
+    return f"<|im_start|>{role}\n{content}<|im_end|>\n"
+
+
+def split_chat(messages: list[dict[str, str]]) -> dict[str, str]:
+    """Split a chat into ``history`` (every turn before the last user turn), ``prompt`` and ``response``.
+
+    Raises:
+        ConfigError: The chat does not end with a user turn followed by an assistant turn.
+    """
+    if len(messages) < 2 or messages[-1].get("role") != "assistant" or messages[-2].get("role") != "user":
+        roles = [m.get("role") for m in messages]
+        raise ConfigError(
+            f"`messages` must end with a user turn then an assistant turn, got roles {roles}; "
+            "the assistant turn is what is trained on."
+        )
+    history = "".join(format_turn(m["role"], m["content"]) for m in messages[:-2])
+    return {"history": history, "prompt": messages[-2]["content"], "response": messages[-1]["content"]}
+
+
+class MemoryCollator:
+    """Collate examples into a fast-path batch (picklable: usable with ``num_workers > 0``).
+
+    Args:
+        tokenizer: The LLM's tokenizer (must know ``memory_token``).
+        page_size: Page side in pixels (the encoder's image size).
+        tokens_per_page: Vision tokens the encoder emits per page.
+        memory_token: Placeholder token for vision embeddings.
+        max_pages: Most pages per row; longer history keeps its most recent pages (warned).
+        font_path: Font for rendering (``None``: a CJK-capable system font when available).
+        font_size: Font size in pixels (``None``: the renderer's default for ``page_size``).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        page_size: int,
+        tokens_per_page: int,
+        memory_token: str = "<|image_pad|>",
+        max_pages: int = 8,
+        font_path: str | None = None,
+        font_size: int | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.tokens_per_page = tokens_per_page
+        self.max_pages = max_pages
+        self.memory_token_id = tokenizer.convert_tokens_to_ids(memory_token)
+        if self.memory_token_id is None or self.memory_token_id == tokenizer.unk_token_id:
+            raise ConfigError(f"`memory_token` {memory_token!r} is not a token of this tokenizer.")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.renderer = PageRenderer(page_size=page_size, font_path=font_path, font_size=font_size)
+
+    @classmethod
+    def for_model(cls, model: Any) -> "MemoryCollator":
+        """The collator matching a :class:`~ocrmem.modeling.MEMModel`'s encoder, tokenizer and config."""
+        config = model.config
+        return cls(
+            model._require_tokenizer("the collator"),
+            page_size=model.page_size,
+            tokens_per_page=model.tokens_per_page,
+            memory_token=config.memory_token,
+            max_pages=config.max_pages,
+            font_path=config.font_path,
+            font_size=config.font_size,
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows_ids, rows_labels, pages = [], [], []
+        for example in examples:
+            if "messages" in example:
+                example = split_chat(example["messages"])
+            missing = [k for k in ("history", "prompt", "response") if k not in example]
+            if missing:
+                raise ConfigError(
+                    f"example is missing {missing}; give `history`, `prompt`, `response` "
+                    "(or `messages` in chat format)."
+                )
+            row_pages = self.renderer.render(example["history"], max_pages=self.max_pages) if example["history"] else []
+            prompt_ids = self._encode(format_turn("user", example["prompt"]) + "<|im_start|>assistant\n")
+            answer_ids = self._encode(f"{example['response']}<|im_end|>\n")
+            n_mem = len(row_pages) * self.tokens_per_page
+            rows_ids.append([self.memory_token_id] * n_mem + prompt_ids + answer_ids)
+            rows_labels.append([IGNORE_INDEX] * (n_mem + len(prompt_ids)) + answer_ids)
+            pages.extend(row_pages)
+        batch = left_pad(rows_ids, rows_labels, self.pad_id)
+        side = self.renderer.page_size
+        batch["pixel_values"] = (
+            self.renderer.to_pixel_values(pages) if pages else torch.zeros((0, 3, side, side), dtype=torch.float32)
+        )
+        return batch
+
+
+_NAMES = ["Mochi", "Biscuit", "Luna", "Pepper", "Tofu", "Nori", "Ziggy", "Olive"]
+_CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Hanoi", "Perth"]
+_COLORS = ["blue", "red", "green", "amber", "violet", "teal", "coral", "ivory"]
+_FILLER = [
+    "We talked about the weather and the plans for the weekend.",
+    "The meeting moved to Thursday afternoon after lunch.",
+    "I read two chapters of the book before going to sleep.",
+    "The train was late again, so I walked the last part.",
+    "We compared notes on the project and fixed a small bug.",
+]
+
+
+def synthetic_memory_examples(n: int, seed: int = 0, filler_turns: int = 6) -> list[dict[str, str]]:
+    """A memory task: each fact lives only in the (rendered) history; the question is in the recent text.
+
+    Args:
+        n: Number of examples.
+        seed: Deterministic generation.
+        filler_turns: Unrelated chat turns around the fact, to make the history long.
+
+    Returns:
+        Examples with ``history``, ``prompt``, ``response``.
+    """
+    rng = random.Random(seed)
+    facts = [
+        ("My cat is called {}.", "What is my cat called?", _NAMES),
+        ("I live in {}.", "Which city do I live in?", _CITIES),
+        ("My favourite colour is {}.", "What is my favourite colour?", _COLORS),
+    ]
+    examples = []
+    for _ in range(n):
+        template, question, values = rng.choice(facts)
+        answer = rng.choice(values)
+        turns = [rng.choice(_FILLER) for _ in range(filler_turns)]
+        turns.insert(rng.randrange(len(turns) + 1), template.format(answer))
+        history = "".join(
+            format_turn("user" if i % 2 == 0 else "assistant", text) for i, text in enumerate(turns)
+        )
+        examples.append({"history": history, "prompt": question, "response": answer})
+    return examples
+
+
+def build_sample_batch(model: Any, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A realistic fast-path batch for ``model``: rendered history pages + recent text with labels."""
+    collator = MemoryCollator.for_model(model)
+    return collator(synthetic_memory_examples(batch_size, seed=seed))
+
+
+__all__ = ["MemoryCollator", "build_sample_batch", "format_turn", "split_chat", "synthetic_memory_examples"]

@@ -1,0 +1,40 @@
+"""The exception and warning classes of ``ocrmem``.
+
+Callers catch :class:`OcrMemError` for anything this package raises on purpose.
+Errors about a value the caller passed also subclass :class:`ValueError`, so code
+that already handles ``ValueError`` keeps working.
+"""
+
+
+class OcrMemError(Exception):
+    """Base class."""
+
+
+class ConfigError(OcrMemError, ValueError):
+    """A bad config value."""
+
+
+class CheckpointError(OcrMemError, ValueError):
+    """A checkpoint is missing keys, has wrong shapes or is corrupt."""
+
+
+class EmptyMemoryError(OcrMemError, RuntimeError):
+    """A batch has no compressed history and ``empty_memory_policy`` is ``"error"``."""
+
+
+class EmptyMemoryWarning(UserWarning):
+    """A batch had no compressed history: ``proj`` took no part and receives zero gradient."""
+
+
+class MissingGlyphWarning(UserWarning):
+    """Rendered text contains characters the font cannot draw."""
+
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "EmptyMemoryError",
+    "EmptyMemoryWarning",
+    "MissingGlyphWarning",
+    "OcrMemError",
+]

@@ -1,0 +1,162 @@
+"""Tiny preset: a complete, loadable MEMModel directory written in seconds with no network.
+
+    python -m ocrmem.tiny DIR
+
+writes::
+
+    DIR/llm/   a tiny Qwen3 causal LM (Qwen2 on transformers < 4.51) + a locally trained
+               byte-level BPE tokenizer with Qwen's chat special tokens
+    DIR/ocr/   a tiny DeepEncoder in DeepSeek-OCR's checkpoint layout
+    DIR/       config.json + proj weights: loadable with MEMModel.from_pretrained(DIR)
+
+Every weight is random (seeded); shapes follow the real models at toy widths, so the same code
+paths run as at full size. Used by the tests and as every CLI's embedded default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from . import compat
+from .configuration import MEMConfig
+from .encoder import DeepEncoder, DeepEncoderSpec, save_deepencoder
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
+TINY_VOCAB = 1024  # byte-level BPE merges; the 4 specials come after (ids 1024..1027)
+TINY_LLM = dict(  # Qwen3-8B's structure at toy width: GQA 4/2 heads, untied embeddings
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=8192,
+    tie_word_embeddings=False,
+    # Random weights at HF's default std (0.02) give near-uniform attention, so a trainable proj
+    # can barely steer the frozen LLM; 0.1 makes it peaky enough to overfit a batch in 30 steps.
+    initializer_range=0.1,
+)
+_WORDS = (
+    "the of and to in is you that it he was for on are as with his they at be this have from or one had "
+    "by word but not what all were we when your can said there use an each which she do how their if will "
+    "up other about out many then them these so some her would make like him into time has look two more "
+    "write go see number no way could people my than first water been call who its now find long down day "
+    "did get come made may part cat dog name city color remember favourite lives blue red green Paris Tokyo"
+).split()
+_CJK = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可也你说年看好家去过天下子得着记住名字猫"
+
+
+def build_tiny_tokenizer(seed: int = 0):
+    """Train a byte-level BPE tokenizer (1,024 merges + Qwen's special tokens) on a built-in corpus.
+
+    Byte-level, so any text — Chinese included — round-trips through encode/decode, which the
+    seed path relies on (it decodes history back to text to render it).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    corpus = [
+        " ".join(rng.choice(_WORDS) for _ in range(12)) + " " + "".join(rng.choice(_CJK) for _ in range(8)) + f" {rng.randrange(10000)}."
+        for _ in range(2000)
+    ]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|image_pad|>"],
+    )
+    fast.padding_side = "left"
+    return fast
+
+
+def write_tiny(
+    path: str | Path,
+    seed: int = 0,
+    readout: str = "tokens_plus_clip",
+    context_threshold: int = 64,
+    **config_kwargs,
+) -> Path:
+    """Write the tiny preset (LLM, OCR encoder, MEMModel) under ``path``.
+
+    Args:
+        path: Target directory (created; existing files are overwritten).
+        seed: Seeds every random weight, so two calls give identical directories.
+        readout: Encoder read-out of the MEMModel (``tokens_plus_clip`` or ``deepseek_ocr``).
+        context_threshold: Tiny default 64 tokens so short synthetic histories get compressed.
+        **config_kwargs: Further :class:`MEMConfig` fields.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    from .modeling import MEMModel
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(seed)
+
+    config_cls, model_cls = compat.tiny_llm_classes()
+    llm_config = config_cls(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **TINY_LLM,
+    )
+    torch.manual_seed(seed)
+    llm = model_cls(llm_config)
+    llm.save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+
+    torch.manual_seed(seed + 1)
+    encoder = DeepEncoder(DeepEncoderSpec.tiny(), readout="deepseek_ocr")
+    save_deepencoder(encoder, root / "ocr")
+
+    torch.manual_seed(seed + 2)
+    config = MEMConfig(
+        base_model_name="llm",
+        ocr_model_name="ocr",
+        encoder_readout=readout,
+        context_threshold=context_threshold,
+        **config_kwargs,
+    )
+    model = MEMModel(config, model_dir=root)
+    model.save_pretrained(root)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ocrmem.tiny",
+        description="Write the tiny OCR-memory preset (random weights, no network) into DIR.",
+        epilog="Then: MEMModel.from_pretrained(DIR), or python -m diagnostics.grad_flow DIR",
+    )
+    parser.add_argument("dir", help="output directory (DIR/llm, DIR/ocr and the MEMModel itself in DIR)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random weight (default 0)")
+    parser.add_argument(
+        "--readout", choices=("tokens_plus_clip", "deepseek_ocr"), default="tokens_plus_clip",
+        help="encoder read-out: the user's package (tokens_plus_clip) or DeepSeek-OCR's own",
+    )
+    args = parser.parse_args(argv)
+    root = write_tiny(args.dir, seed=args.seed, readout=args.readout)
+    print(f"wrote tiny MEMModel to {root}/ (llm/, ocr/, config.json, {'model.safetensors'})")
+    return 0
+
+
+__all__ = ["SPECIAL_TOKENS", "TINY_LLM", "build_tiny_tokenizer", "main", "write_tiny"]
+
+if __name__ == "__main__":
+    sys.exit(main())
