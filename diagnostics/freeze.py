@@ -60,7 +60,7 @@ class FreezeWatch(TorchFunctionMode):
             return
         location = None
         library = None
-        for frame in iter_frames(sys._getframe(3)):
+        for frame in iter_frames(sys._getframe(2)):
             kind = self.classifier.kind(frame.f_code.co_filename)
             if kind == "user":
                 location = frame_location(frame)
