@@ -260,6 +260,8 @@ class _OpWatch(TorchFunctionMode):
                 trace._on_cut(func, args, kwargs)
             elif func is _SET_GRAD:
                 trace._on_set_grad(args)
+            elif func is _REQUIRES_GRAD_ or func is _REQUIRES_GRAD_SET:
+                trace._on_requires_grad(args, kwargs)
             elif not torch.is_grad_enabled():
                 trace._on_nograd(func, args, kwargs)
         try:
@@ -312,6 +314,8 @@ class ForwardTrace:
         self.failed_op: Optional[FailedOp] = None
         self.warnings: list[warnings.WarningMessage] = []
         self.unregistered_trainable: dict[int, str] = {}
+        #: tensors (not parameters) switched to requires_grad=True during the forward.
+        self.requires_grad_sites: list[tuple[torch.Tensor, Optional[SourceLocation]]] = []
         self.busy = False
         self._stack: list[int] = []
         self._event_keys: dict[tuple[Any, ...], CutEvent] = {}
@@ -533,6 +537,16 @@ class ForwardTrace:
         finally:
             self.busy = False
 
+    def _on_requires_grad(self, args: Any, kwargs: Any) -> None:
+        self.busy = True
+        try:
+            tensor = args[0] if args else None
+            value = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
+            if isinstance(tensor, torch.Tensor) and bool(value) and not isinstance(tensor, nn.Parameter):
+                self.requires_grad_sites.append((tensor, self._user_location(sys._getframe(2))))
+        finally:
+            self.busy = False
+
     def _on_set_grad(self, args: Any) -> None:
         self.busy = True
         try:
@@ -694,6 +708,7 @@ class ForwardTrace:
             call.output_nodes = []
         for event in self.events:
             event.sources = []
+        self.requires_grad_sites = []
 
 
 def _unpack(tensor: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,16 @@ USER_VISION_EMBEDDING_SIZE = 512  # what the user's training script sets (a bug:
 
 
 def build_seed_scale_llm(device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> nn.Module:
-    """Qwen3-8B's architecture with uninitialised (``meta``) or random weights."""
+    """Qwen3-8B's architecture with uninitialised (``meta``) or random weights.
+
+    Raises:
+        ConfigError: transformers < 4.51 has no Qwen3 (Qwen2's biased attention would miscount).
+    """
+    if not compat.has_qwen3():
+        raise ConfigError(
+            f"the seed-scale preset needs Qwen3, which transformers {compat.TRANSFORMERS_VERSION} lacks; "
+            "install transformers>=4.51 for seed-scale tables."
+        )
     config_cls, model_cls = compat.tiny_llm_classes()
     config = config_cls(**QWEN3_8B)
     with torch.device(device):
