@@ -76,16 +76,22 @@ class ReachMemo:
             that requires grad and has no ``grad_fn``).
         node_bits: extra bits set on specific nodes (e.g. "this is the output of
             module k"); they are ORed into the node's mask and everything downstream.
+        checkpoint_mask: bits assumed upstream of every reentrant
+            ``CheckpointFunctionBackward`` node (the parameters run inside it).
 
     The mask of a node is the OR of its own bits, its leaf's bits and the masks of
     all nodes it leads to. Computed iteratively (graphs are deep), each node once.
     """
 
     def __init__(
-        self, leaf_mask: Callable[[torch.Tensor], int], node_bits: Optional[dict[Any, int]] = None
+        self,
+        leaf_mask: Callable[[torch.Tensor], int],
+        node_bits: Optional[dict[Any, int]] = None,
+        checkpoint_mask: int = 0,
     ) -> None:
         self.leaf_mask = leaf_mask
         self.node_bits = node_bits or {}
+        self.checkpoint_mask = checkpoint_mask
         self._memo: dict[Any, int] = {}
 
     def of(self, source: Any) -> int:
@@ -113,6 +119,10 @@ class ReachMemo:
                         stack.append((child, False))
                 continue
             mask = self.node_bits.get(node, 0)
+            if self.checkpoint_mask and "CheckpointFunctionBackward" in type(node).__name__:
+                # Reentrant checkpoints hide their parameters from the graph; they are
+                # recomputed (and get gradient) during backward.
+                mask |= self.checkpoint_mask
             variable = getattr(node, "variable", None)
             if isinstance(variable, torch.Tensor):
                 mask |= self.leaf_mask(variable)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import sys
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -157,6 +158,7 @@ class ModuleCall:
     trainable_param_ids: tuple[int, ...] = ()
     input_ptrs: frozenset[int] = frozenset()
     output_ptrs: frozenset[int] = frozenset()
+    module_ref: Any = None  # weakref to unregistered modules only (to name them later)
 
 
 @dataclass
@@ -415,10 +417,10 @@ class ForwardTrace:
             own = self._own_trainable.get(id(module), ())
         else:
             name = f"<unregistered {type(module).__name__}>"
-            own = tuple(id(p) for p in module.parameters(recurse=False) if p.requires_grad)
-            for p in module.parameters(recurse=False):
-                if p.requires_grad:
-                    self.unregistered_trainable.setdefault(id(p), name)
+            # Unregistered: all its parameters are unknown to the model, so count them all.
+            own = tuple(id(p) for p in module.parameters() if p.requires_grad)
+            for pid in own:
+                self.unregistered_trainable.setdefault(pid, name)
         call = ModuleCall(
             index=len(self.calls),
             name=name,
@@ -439,6 +441,11 @@ class ForwardTrace:
                 ptr = _storage_ptr(t)
                 if ptr is not None:
                     ptrs.append(ptr)
+        if not registered:
+            try:
+                call.module_ref = weakref.ref(module)
+            except TypeError:
+                call.module_ref = None
         call.input_sources = sources[:_MAX_NODES_PER_CALL]
         call.inputs_tracked = bool(sources)
         call.input_ptrs = frozenset(ptrs)

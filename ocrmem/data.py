@@ -22,7 +22,7 @@ import torch
 
 from .errors import ConfigError
 from .modeling import IGNORE_INDEX, left_pad
-from .rendering import PageRenderer
+from .rendering import PageRenderer, pixel_values_from_text
 
 
 def format_turn(role: str, content: str) -> str:
@@ -106,18 +106,15 @@ class MemoryCollator:
                     f"example is missing {missing}; give `history`, `prompt`, `response` "
                     "(or `messages` in chat format)."
                 )
-            row_pages = self.renderer.render(example["history"], max_pages=self.max_pages) if example["history"] else []
+            row_pages = pixel_values_from_text(self.renderer, example["history"], self.max_pages)  # (p, 3, S, S)
             prompt_ids = self._encode(format_turn("user", example["prompt"]) + "<|im_start|>assistant\n")
             answer_ids = self._encode(f"{example['response']}<|im_end|>\n")
             n_mem = len(row_pages) * self.tokens_per_page
             rows_ids.append([self.memory_token_id] * n_mem + prompt_ids + answer_ids)
             rows_labels.append([IGNORE_INDEX] * (n_mem + len(prompt_ids)) + answer_ids)
-            pages.extend(row_pages)
+            pages.append(row_pages)
         batch = left_pad(rows_ids, rows_labels, self.pad_id)
-        side = self.renderer.page_size
-        batch["pixel_values"] = (
-            self.renderer.to_pixel_values(pages) if pages else torch.zeros((0, 3, side, side), dtype=torch.float32)
-        )
+        batch["pixel_values"] = torch.cat(pages)  # (P, 3, S, S); P may be 0
         return batch
 
 

@@ -44,7 +44,7 @@ from .configuration import MEMConfig
 from .encoder import DeepEncoder, load_deepencoder
 from .errors import CheckpointError, ConfigError, EmptyMemoryError, EmptyMemoryWarning
 from .projector import build_projector
-from .rendering import PageRenderer
+from .rendering import PageRenderer, pixel_values_from_text
 
 logger = logging.getLogger(__name__)
 
@@ -345,17 +345,18 @@ class MEMModel(PreTrainedModel):
             ids = input_ids[b][keep].tolist()
             row_labels = labels[b][keep].tolist() if labels is not None else [IGNORE_INDEX] * len(ids)
             history, recent, start = self.split_history(ids)
-            row_pages = []
+            n_mem = 0
             if history:
                 text = tokenizer.decode(history, skip_special_tokens=False)
-                row_pages = self.renderer.render(text, max_pages=self.config.max_pages)
-            n_mem = len(row_pages) * self.tokens_per_page
+                row_pages = pixel_values_from_text(self.renderer, text, self.config.max_pages)  # (p, 3, S, S)
+                n_mem = row_pages.shape[0] * self.tokens_per_page
+                pages.append(row_pages)
             rows_ids.append([mem_id] * n_mem + recent)
             rows_labels.append([IGNORE_INDEX] * n_mem + row_labels[start:])
-            pages.extend(row_pages)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         batch = left_pad(rows_ids, rows_labels, pad_id, device=input_ids.device)
-        batch["pixel_values"] = self.renderer.to_pixel_values(pages).to(input_ids.device) if pages else None
+        pixel_values = torch.cat(pages) if pages else None
+        batch["pixel_values"] = pixel_values.to(input_ids.device) if pixel_values is not None and len(pixel_values) else None
         if labels is None:
             batch.pop("labels")
         return batch

@@ -8,6 +8,7 @@ import random
 import warnings
 
 import numpy as np
+import PIL
 import pytest
 import torch
 
@@ -18,16 +19,22 @@ from ocrmem.rendering import PageRenderer, default_font_path, pixel_values_from_
 DEJAVU = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 CJK_FONTS = [p for p in rendering.DEFAULT_FONT_CANDIDATES if "wqy" in p or "CJK" in p]
 CJK_FONT = next((p for p in CJK_FONTS if os.path.isfile(p)), None)
-needs_dejavu = pytest.mark.skipif(not os.path.isfile(DEJAVU), reason=f"needs DejaVu Sans at {DEJAVU} (fonts-dejavu-core)")
+needs_dejavu = pytest.mark.skipif(
+    not os.path.isfile(DEJAVU), reason=f"needs DejaVu Sans at {DEJAVU} (apt-get install -y fonts-dejavu-core)"
+)
 needs_cjk_font = pytest.mark.skipif(
-    CJK_FONT is None, reason="needs a CJK font (apt-get install -y fonts-wqy-microhei); looked for " + ", ".join(CJK_FONTS)
+    CJK_FONT is None,
+    reason="needs a CJK font (apt-get install -y fonts-wqy-microhei); looked for " + ", ".join(CJK_FONTS),
 )
 
 SMALL_PAGE = 256  # most tests: fast, still ~50 lines of ~50 characters
 ENCODER_PAGE = 1024  # DeepSeek-OCR's page, for the agreement checks
 # Fast path vs ImageDraw.text: only pixels with 3+ overlapping glyphs may differ, by 1 level.
-MAX_ABS_DIFF = 1
-MAX_MEAN_ABS_DIFF = 0.01
+# Pillow < 10.2 composed overlapping glyphs of one string by max() instead of alpha-over
+# (python-pillow/Pillow#7497); there the few overlap pixels may differ by more.
+_PILLOW_BLENDS_GLYPHS = tuple(int(part) for part in PIL.__version__.split(".")[:2]) >= (10, 2)
+MAX_ABS_DIFF = 1 if _PILLOW_BLENDS_GLYPHS else 128
+MAX_MEAN_ABS_DIFF = 0.01 if _PILLOW_BLENDS_GLYPHS else 0.1
 
 CHINESE = "你好世界，今天我们讨论渲染历史记录。"
 _WORDS = "the quick brown fox jumps over lazy dog memory encoder page history render token".split()
@@ -219,9 +226,9 @@ class TestMissingGlyphs:
         ink_per_char = (page[..., 0] < 128).sum() / len(CHINESE)
         assert ink_per_char > 5  # strokes, not blank
         # Every character looks different: the font really drew them, no tofu boxes.
-        glyphs = r.atlas.packed
-        gids, _ = r.atlas.glyph_ids(np.array([ord(c) for c in "你好世界"]))
-        assert len({glyphs.transmittance[glyphs.starts[g] : glyphs.starts[g] + glyphs.counts[g]].tobytes() for g in gids}) == 4
+        gids, glyphs = r.atlas.glyph_ids(np.array([ord(c) for c in "你好世界"]))
+        shapes = {glyphs.transmittance[glyphs.starts[g] : glyphs.starts[g] + glyphs.counts[g]].tobytes() for g in gids}
+        assert len(shapes) == 4
 
 
 class TestBaselineAgreement:
