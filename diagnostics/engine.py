@@ -62,6 +62,18 @@ def run_forward(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def move_batch(batch: Any, device: str | torch.device, dtype: Optional[torch.dtype]) -> Any:
+    """Move tensors of a batch to ``device``; cast floating ones to ``dtype``."""
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device)
+        return batch.to(dtype) if dtype is not None and batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: move_batch(v, device, dtype) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_batch(v, device, dtype) for v in batch)
+    return batch
+
+
 def extract_loss(output: Any) -> tuple[torch.Tensor, str]:
     """The loss in a model output: a tensor, ``output.loss`` or ``output["loss"]``.
 
@@ -1148,4 +1160,4 @@ def _dedupe(findings: list[Finding]) -> list[Finding]:
     return out
 
 
-__all__ = ["diagnose", "extract_loss", "run_forward"]
+__all__ = ["diagnose", "extract_loss", "move_batch", "run_forward"]
