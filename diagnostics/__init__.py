@@ -16,10 +16,22 @@ from .causes import CAUSES, Finding
 from .engine import diagnose, extract_loss, run_forward
 from .errors import CannotRunError, DiagnosticsError, FactoryError, LossNotFoundError
 from .freeze import FreezeWatch, static_freeze_sites
-from .lint import LintFinding, lint_file, lint_paths
 from .load_triage import LoadTriage, TriageFinding, classify_message
 from .params import ParameterTable, check_expectations, parameter_table
 from .report import Report, merge_reports
+
+_LAZY = {"LintFinding", "lint_file", "lint_paths"}
+
+
+def __getattr__(name: str) -> object:
+    # diagnostics.lint is also a `python -m` entry point; importing it eagerly here would
+    # make runpy warn that it was imported before execution.
+    if name in _LAZY:
+        from . import lint
+
+        return getattr(lint, name)
+    raise AttributeError(f"module 'diagnostics' has no attribute {name!r}")
+
 
 __all__ = [
     "CAUSES",

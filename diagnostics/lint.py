@@ -94,7 +94,14 @@ def _names_in(node: ast.AST) -> set[str]:
 
 
 def _target_names(target: ast.AST) -> set[str]:
-    return {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    """Names bound by an assignment target (``a``, ``a, b``); not ``self`` in ``self.x = ...``."""
+    if isinstance(target, ast.Name):
+        return {target.id}
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return set().union(*(_target_names(e) for e in target.elts)) if target.elts else set()
+    if isinstance(target, ast.Starred):
+        return _target_names(target.value)
+    return set()
 
 
 class _FunctionLinter:
@@ -225,8 +232,18 @@ class _FunctionLinter:
                         if new:
                             names |= new
                             changed = True
+        # A re-wrap (torch.tensor(x)) is only suspicious when x itself came out of a cut:
+        # torch.tensor(list_of_ints) is ordinary bookkeeping.
+        cut_tainted: set[str] = set()
+        for cut, label in cuts:
+            if "re-wrap" not in label:
+                cut_tainted |= tainted_by[id(cut)]
         for cut, label in cuts:
             flows = "<return>" in tainted_by[id(cut)]
+            if "re-wrap" in label and flows:
+                arg = cut.args[0]  # type: ignore[attr-defined]
+                inner_cut = any(sub is other for sub in ast.walk(arg) for other, _ in cuts)
+                flows = inner_cut or bool(_names_in(arg) & cut_tainted)
             code = ast.unparse(cut)
             if len(code) > 60:
                 code = code[:57] + "..."

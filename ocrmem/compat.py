@@ -94,6 +94,12 @@ def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = Fals
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers 5.x also calls `enable_input_require_grads()` for every model fed `input_ids`
+    # (4.x only under PEFT): a hook forcing the frozen embedding output to require grad, so the
+    # whole frozen LLM is tracked even when nothing trainable lies upstream. Only reentrant
+    # checkpointing needs that; non-reentrant does not, so take the hook off again.
+    if not use_reentrant and getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()
 
 
 def disable_activation_checkpointing(model: nn.Module) -> None:
@@ -112,6 +118,44 @@ def is_activation_checkpointing(model: nn.Module) -> bool:
     return False
 
 
+def rotate_checkpoints(trainer: Any, run_dir: str) -> None:
+    """Apply ``save_total_limit`` to the checkpoints in ``run_dir`` the way ``trainer``'s version does.
+
+    Before 5.x this is the method ``Trainer._rotate_checkpoints``; 5.x moved it to the function
+    ``transformers.trainer_utils.rotate_checkpoints``.
+    """
+    if hasattr(trainer, "_rotate_checkpoints"):
+        trainer._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+        return
+    from transformers.trainer_utils import rotate_checkpoints as rotate
+
+    rotate(
+        output_dir=run_dir,
+        save_total_limit=trainer.args.save_total_limit,
+        best_model_checkpoint=trainer.state.best_model_checkpoint,
+        use_mtime=False,
+    )
+
+
+def numpy_safe_globals() -> Any:
+    """A context manager letting ``torch.load(weights_only=True)`` read numpy RNG states.
+
+    torch >= 2.6 loads with ``weights_only=True`` by default; transformers 4.46's
+    ``Trainer._load_rng_state`` does not allowlist numpy, so resuming from a checkpoint fails with
+    "Weights only load failed ... numpy._core.multiarray._reconstruct" (later versions wrap the
+    load themselves; nesting this is harmless there).
+    """
+    import contextlib
+
+    import numpy as np
+
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # torch < 2.5: weights_only was not the default
+        return contextlib.nullcontext()
+    np_core = getattr(np, "_core", None) or np.core
+    return safe_globals([np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))])
+
+
 __all__ = [
     "TRANSFORMERS_VERSION",
     "disable_activation_checkpointing",
@@ -120,6 +164,8 @@ __all__ = [
     "has_qwen3",
     "is_activation_checkpointing",
     "load_causal_lm",
+    "numpy_safe_globals",
+    "rotate_checkpoints",
     "tiny_llm_classes",
     "trainer_processing_kwargs",
     "training_args_checkpointing",

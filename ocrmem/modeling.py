@@ -257,7 +257,11 @@ class MEMModel(PreTrainedModel):
     def _frozen_to_eval(self) -> None:
         # Frozen parts stay in eval(): dropout off, deterministic features. Gradient flow does not
         # depend on the mode (the user's notes claimed otherwise; it is false).
+        # Exception: HF checkpoints a layer only when it is in train mode, so with activation
+        # checkpointing on, the LLM follows the model's mode (Qwen's dropout is 0 anyway).
         for module in (self.ocr_embed, self.base_llm):
+            if module is self.base_llm and compat.is_activation_checkpointing(module):
+                continue
             if not any(p.requires_grad for p in module.parameters()):
                 module.eval()
 
@@ -274,6 +278,7 @@ class MEMModel(PreTrainedModel):
         gradients whenever a layer's inputs do not require grad (any batch without memory)."""
         kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         compat.enable_activation_checkpointing(self.base_llm, use_reentrant=kwargs["use_reentrant"])
+        self.base_llm.train(self.training)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
         """transformers < 5 name of :meth:`activation_checkpointing_enable`."""
@@ -281,6 +286,7 @@ class MEMModel(PreTrainedModel):
 
     def activation_checkpointing_disable(self) -> None:
         compat.disable_activation_checkpointing(self.base_llm)
+        self._frozen_to_eval()
 
     def gradient_checkpointing_disable(self) -> None:
         self.activation_checkpointing_disable()
@@ -422,7 +428,9 @@ class MEMModel(PreTrainedModel):
                 f"Memory features and memory tokens do not match: tokens: {n_tokens}, features: 0 (no pixel_values)."
             )
 
-        llm_out = self.base_llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
+        llm_out = self.base_llm(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
         logits = llm_out.logits  # (B, L, vocab)
         loss = None
         if labels is not None:

@@ -1,25 +1,301 @@
-"""AdapterOnlyTrainer: the HF Trainer for a model in which only the adapter (``proj``) learns."""
+"""AdapterOnlyTrainer: the HF Trainer for a model in which only the adapter (``proj``) learns.
+
+What it changes in :class:`transformers.Trainer`, and why:
+
+* ``tokenizer=`` or ``processing_class=`` both work on every supported transformers version with
+  no FutureWarning (the user's problem 5; the rename lives in :mod:`ocrmem.compat`).
+* The optimizer is checked to hold exactly the trainable parameters: a frozen 8B LLM in the
+  optimizer would cost 16 bytes per parameter of Adam state for nothing.
+* Checkpoints are adapter-sized: the model weights are ``model.safetensors`` with the trainable
+  keys only (plus ``config.json``, optimizer, scheduler, RNG state, ``trainer_state.json``,
+  ``training_args.bin``); no tokenizer copy, no frozen weights.
+* Resuming loads that adapter file with :meth:`~ocrmem.modeling.MEMModel.load_adapter_weights`
+  instead of HF's full-model ``load_state_dict`` (which would warn about every frozen key).
+* Checkpoint saves are crash-safe: a checkpoint is written into ``.checkpoint-N.partial/`` and
+  renamed to ``checkpoint-N`` only when complete, so a SIGKILL mid-save leaves the previous
+  checkpoint as the last one :func:`transformers.trainer_utils.get_last_checkpoint` sees. A disk
+  full / permission error is re-raised as the same :class:`OSError` class with a message naming
+  the checkpoint and the directory.
+
+Test hook: ``OCRMEM_TEST_PAUSE_IN_SAVE=SECONDS[:STEP]`` makes a checkpoint save (only the one of
+global step ``STEP`` when given) sleep ``SECONDS`` after the weights are written and before the
+optimizer state is, printing a line starting with :data:`PAUSE_MARKER` to stderr first — so a
+test can SIGKILL the process in the middle of a save deterministically. Never set it otherwise.
+"""
 
 from __future__ import annotations
 
+import glob
+import logging
+import os
+import shutil
+import sys
+import time
 from typing import Any
 
+import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import compat
+from .modeling import ADAPTER_WEIGHTS_NAME
+
+logger = logging.getLogger(__name__)
+
+PAUSE_ENV = "OCRMEM_TEST_PAUSE_IN_SAVE"
+PAUSE_MARKER = "OCRMEM_TEST_PAUSE_IN_SAVE: pausing"
+PARTIAL_SUFFIX = ".partial"  # staging dirs are `.checkpoint-N.partial`: hidden, never matched by `checkpoint-*`
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+def _fsync_tree(path: str) -> None:
+    """Flush every file under ``path`` (and the directories) to disk before the rename publishes it."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems / platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _pause_for_test(step: int, staged_dir: str) -> None:
+    """The :data:`PAUSE_ENV` test hook (see the module docstring)."""
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    seconds, _, only_step = spec.partition(":")
+    if only_step and int(only_step) != step:
+        return
+    print(f"{PAUSE_MARKER} {float(seconds):g} s inside the save of checkpoint-{step} ({staged_dir})", file=sys.stderr, flush=True)
+    time.sleep(float(seconds))
+
+
+def _is_adapter_model(model: Any) -> bool:
+    """A model whose checkpoints hold only its trainable weights (:class:`~ocrmem.modeling.MEMModel`)."""
+    return hasattr(model, "load_adapter_weights") and hasattr(model, "trainable_state_dict")
 
 
 class AdapterOnlyTrainer(Trainer):
-    """A :class:`transformers.Trainer` that accepts ``tokenizer=`` or ``processing_class=`` on every
-    supported transformers version without a FutureWarning (the user's problem 5).
+    """A :class:`transformers.Trainer` for adapter-only training (see the module docstring).
 
-    The optimizer sees only parameters with ``requires_grad`` (Trainer's default grouping already
-    skips frozen ones), and :meth:`MEMModel.save_pretrained` writes only the trainable weights,
-    so checkpoints are adapter-sized.
+    Takes the arguments of :class:`transformers.Trainer`; ``tokenizer=`` is accepted as the old
+    name of ``processing_class=`` on every version.
+
+    Raises:
+        ValueError: both ``tokenizer`` and ``processing_class`` are given.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **compat.trainer_processing_kwargs(kwargs))
+        self._staging_root: str | None = None
+        self._saving_step: int | None = None
+
+    # ------------------------------------------------------------------ optimizer
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """HF's optimizer, checked to hold every trainable parameter and nothing frozen.
+
+        Raises:
+            RuntimeError: the optimizer holds a frozen parameter or misses a trainable one
+                (e.g. a parameter unfrozen after the optimizer was built).
+        """
+        optimizer = super().create_optimizer(*args, **kwargs)
+        check_optimizer_params(self.model, optimizer)
+        return optimizer
+
+    # ------------------------------------------------------------------ logging
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add callbacks' per-step metrics (``proj_grad_norm``) before the reporters see the logs.
+
+        HF runs reporting callbacks (wandb) before user callbacks, so a value added in a user
+        callback's ``on_log`` would miss them; callbacks with ``extra_logs(state)`` are asked here.
+        """
+        if "loss" in logs:
+            for callback in self.callback_handler.callbacks:
+                extra = getattr(callback, "extra_logs", None)
+                if callable(extra):
+                    logs.update(extra(self.state))
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ saving
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the adapter (trainable weights + config) and the training arguments.
+
+        Unlike HF's ``_save``, a checkpoint gets no tokenizer copy (HF 5.x would even save the
+        data collator's tokenizer); the final ``save_model`` still writes ``processing_class``
+        when one was given.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        if not _is_adapter_model(model):
+            super()._save(output_dir, state_dict=state_dict)
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=True)
+        if self._saving_step is not None:
+            _pause_for_test(self._saving_step, output_dir)
+        elif self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # While a checkpoint is being saved, HF writes `<run_dir>/checkpoint-N`: point it into the
+        # staging dir, so the half-written checkpoint lives at `.checkpoint-N.partial/checkpoint-N`.
+        if self._staging_root is not None:
+            return self._staging_root
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
+        """HF's checkpoint save, written into a staging dir and renamed into place when complete.
+
+        Raises:
+            OSError: (same class and errno as the original) writing failed — disk full, no
+                permission; the message names the checkpoint and the directory. Nothing partial
+                stays visible; earlier checkpoints are untouched.
+        """
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final_dir = os.path.join(run_dir, name)
+        staging_root = os.path.join(run_dir, f".{name}{PARTIAL_SUFFIX}")
+        staged_dir = os.path.join(staging_root, name)
+        try:
+            if self.args.should_save:
+                remove_partial_checkpoints(run_dir)
+            self.accelerator.wait_for_everyone()
+            self._staging_root, self._saving_step = staging_root, self.state.global_step
+            try:
+                super()._save_checkpoint(model, trial, *args, **kwargs)
+            finally:
+                self._staging_root = self._saving_step = None
+            self._fix_best_checkpoint_path(staging_root, run_dir, staged_dir)
+            # Every rank has written its part (RNG state per rank) before the checkpoint is published.
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                publish_checkpoint(staged_dir, final_dir)
+                compat.rotate_checkpoints(self, run_dir)
+        except OSError as err:
+            if self.args.should_save:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            raise _checkpoint_write_error(err, final_dir, run_dir) from err
+        self.accelerator.wait_for_everyone()
+
+    def _fix_best_checkpoint_path(self, staging_root: str, run_dir: str, staged_dir: str) -> None:
+        """HF recorded the best checkpoint under the staging dir: point it at the published one."""
+        best = self.state.best_model_checkpoint
+        if best is None or not os.path.abspath(best).startswith(os.path.abspath(staging_root) + os.sep):
+            return
+        self.state.best_model_checkpoint = os.path.join(run_dir, os.path.relpath(best, staging_root))
+        if self.args.should_save:
+            self.state.save_to_json(os.path.join(staged_dir, "trainer_state.json"))
+
+    # ------------------------------------------------------------------ loading
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Resume: load the adapter file of the checkpoint (HF's path would ``load_state_dict`` it
+        non-strictly and warn about every frozen key it lacks)."""
+        target = model if model is not None else self.model
+        weights = os.path.join(resume_from_checkpoint, ADAPTER_WEIGHTS_NAME)
+        if _is_adapter_model(target) and os.path.isfile(weights) and not self.is_deepspeed_enabled:
+            logger.info("Loading adapter weights from %s.", weights)
+            target.load_adapter_weights(weights)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        with compat.numpy_safe_globals():  # transformers 4.46 + torch >= 2.6 cannot read the numpy state otherwise
+            super()._load_rng_state(checkpoint)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the adapter file of the best checkpoint."""
+        best = self.state.best_model_checkpoint
+        weights = os.path.join(best, ADAPTER_WEIGHTS_NAME) if best else ""
+        if _is_adapter_model(self.model) and os.path.isfile(weights) and not self.is_deepspeed_enabled:
+            logger.info("Loading best adapter weights from %s (score: %s).", weights, self.state.best_metric)
+            self.model.load_adapter_weights(weights)
+            return
+        super()._load_best_model()
 
 
-__all__ = ["AdapterOnlyTrainer"]
+def check_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Check that ``optimizer`` holds exactly the trainable parameters of ``model``.
+
+    Raises:
+        RuntimeError: it holds a frozen parameter, or misses a trainable one; the message names them.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimizers
+    in_optimizer = {id(p) for group in inner.param_groups for p in group["params"]}
+    params = {id(p): (n, p) for n, p in model.named_parameters()}
+    frozen = [params[pid][0] if pid in params else "<not a parameter of the model>"
+              for pid in in_optimizer if pid not in params or not params[pid][1].requires_grad]
+    missing = [n for pid, (n, p) in params.items() if p.requires_grad and pid not in in_optimizer]
+    if frozen or missing:
+        raise RuntimeError(
+            f"the optimizer must hold exactly the trainable parameters: it holds frozen/foreign "
+            f"{frozen[:5]} ({len(frozen)}) and misses trainable {missing[:5]} ({len(missing)}). "
+            "Freeze/unfreeze parameters before the trainer builds its optimizer."
+        )
+
+
+def remove_partial_checkpoints(run_dir: str) -> list[str]:
+    """Delete the staging dirs that interrupted saves left in ``run_dir``; returns what it removed."""
+    stale = sorted(glob.glob(os.path.join(glob.escape(run_dir), f".{PREFIX_CHECKPOINT_DIR}-*{PARTIAL_SUFFIX}")))
+    for path in stale:
+        logger.info("Removing %s, left by an interrupted checkpoint save.", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def publish_checkpoint(staged_dir: str, final_dir: str) -> None:
+    """Flush ``staged_dir`` to disk and rename it to ``final_dir`` (replacing an older one)."""
+    _fsync_tree(staged_dir)
+    aside = None
+    if os.path.exists(final_dir):  # e.g. a rerun into the same output dir: keep the old one until the swap
+        aside = f"{os.path.dirname(final_dir)}/.{os.path.basename(final_dir)}.old{PARTIAL_SUFFIX}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final_dir, aside)
+    os.rename(staged_dir, final_dir)
+    _fsync_dir(os.path.dirname(final_dir))
+    os.rmdir(os.path.dirname(staged_dir))
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _checkpoint_write_error(err: OSError, final_dir: str, run_dir: str) -> OSError:
+    """The same OSError class, with a message that names the checkpoint and what to check."""
+    reason = err.strerror or str(err)
+    where = f" ({err.filename})" if err.filename else ""
+    message = (
+        f"could not save checkpoint {final_dir}: {reason}{where}. Nothing partial was left behind and "
+        f"earlier checkpoints in {run_dir} are intact; check free disk space (`df -h {run_dir}`) and "
+        f"write permission on {run_dir}, then resume with resume_from_checkpoint."
+    )
+    try:
+        return type(err)(err.errno, message) if err.errno is not None else type(err)(message)
+    except TypeError:  # an OSError subclass with another constructor
+        return OSError(err.errno, message)
+
+
+__all__ = [
+    "AdapterOnlyTrainer",
+    "PAUSE_ENV",
+    "PAUSE_MARKER",
+    "check_optimizer_params",
+    "publish_checkpoint",
+    "remove_partial_checkpoints",
+]

@@ -277,3 +277,28 @@ class TestTraining:
         tracked_batch = dict(tiny_batch, pixel_values=tiny_batch["pixel_values"].clone().requires_grad_(True))
         tracked = saved_bytes(tracked_batch)
         assert tracked > untracked > 0
+
+    def test_non_reentrant_checkpointing_saves_less_and_leaves_memoryless_batches_untracked(self, tiny_model, tiny_batch):
+        def saved_bytes(batch) -> int:
+            sizes = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t):
+                loss = tiny_model(**batch).loss
+            loss.backward()
+            return sum(sizes)
+
+        tiny_model.train()
+        plain = saved_bytes(tiny_batch)
+        tiny_model.activation_checkpointing_enable()
+        assert tiny_model.is_activation_checkpointing and tiny_model.base_llm.training
+        checkpointed = saved_bytes(tiny_batch)
+        assert checkpointed < plain
+        # transformers 5 forces the embedding output to require grad when checkpointing is enabled;
+        # ocrmem takes that hook off, so a batch without memory tracks nothing in the frozen LLM.
+        seen = {}
+        tiny_model.base_llm.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.update(rg=o.requires_grad))
+        ids = torch.randint(0, 1000, (1, 12))
+        with pytest.warns(EmptyMemoryWarning):
+            tiny_model(input_ids=ids, labels=ids, pixel_values=tiny_batch["pixel_values"][:0])
+        assert seen["rg"] is False
+        tiny_model.activation_checkpointing_disable()
+        assert not tiny_model.is_activation_checkpointing and not tiny_model.base_llm.training

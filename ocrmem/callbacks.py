@@ -1,0 +1,369 @@
+"""GradFlowCallback: watch gradient flow into the adapter on every training step.
+
+The user's training died at a step that depended on the batch (a batch with no compressed
+history: ``proj`` took no part, the loss had no ``grad_fn``), so one check on a sample batch is
+not enough. This callback does one thorough check and several cheap ones:
+
+* **first batch** — runs the diagnostics engine (:func:`diagnostics.diagnose`) on the first
+  training batch, before its forward, and stops when it reports an error (broken gradient flow:
+  ``proj`` frozen, run under ``no_grad``, detached, ...). The model is left as it was.
+* **every micro-batch** — the loss is finite, and has a ``grad_fn`` (otherwise ``backward``
+  would raise the user's ``RuntimeError``: the callback diagnoses that batch and stops first);
+  whether ``proj`` took part (``MEMOutput.memory_used``; batches without memory are counted).
+* **every optimizer step** — ``proj``'s accumulated gradient is finite, and non-zero whenever a
+  micro-batch used memory and had a non-zero loss. Its norm (before clipping; rank-local under
+  DDP) is logged as ``proj_grad_norm`` at every logging step, so it lands in
+  ``trainer_state.json``'s ``log_history`` and in the reporters (wandb).
+* **plateau** — warns (:class:`LossPlateauWarning`) when the per-step loss has not improved on its
+  best by more than ``min_delta`` for ``patience`` steps.
+
+How it stops: it sets ``control.should_training_stop`` and raises :class:`TrainingStopped` from
+inside the step — *before* the optimizer applies the bad update, so neither a NaN nor a silent
+no-op step reaches the weights or a checkpoint. ``trainer.train()`` propagates the exception;
+``python -m ocrmem.train`` turns it into exit status 1. (Merely setting the flag would let the
+current step run its ``backward``, which is exactly what raises the cryptic error.)
+
+Under DeepSpeed the gradients live in DeepSpeed's buffers, not in ``param.grad``, so the
+gradient checks and ``proj_grad_norm`` are off there (the loss checks stay).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .errors import OcrMemError
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(OcrMemError, RuntimeError):
+    """Training was stopped by a :class:`GradFlowCallback` finding.
+
+    Attributes:
+        cause: ``broken_grad_flow``, ``no_grad_fn``, ``nan_loss``, ``nan_grad``, ``no_gradient``
+            or ``not_trainable``.
+        step: The optimizer step (1-based) during which it stopped; 0 = before training.
+        report: The diagnostics report behind the decision, when one was run.
+    """
+
+    def __init__(self, message: str, *, cause: str, step: int, report: Any = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.step = step
+        self.report = report
+
+
+class LossPlateauWarning(UserWarning):
+    """The training loss has not improved for ``patience`` steps."""
+
+
+def _loss_of(output: Any) -> torch.Tensor | None:
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if loss is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        loss = output[0]
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+
+
+def _findings_text(report: Any) -> str:
+    text = getattr(report, "findings_text", None)
+    if callable(text):
+        return text()
+    return "\n".join(f"{f.severity.upper()} [{f.cause}]: {f.message}" for f in getattr(report, "findings", []))
+
+
+class GradFlowCallback(TrainerCallback):
+    """Check gradient flow into the trainable adapter at the first batch and at every step.
+
+    Args:
+        watch: Parameter-name prefixes of the adapter to watch (default ``("proj",)``).
+        expect_trainable: What the first-batch diagnosis expects to be trainable (default ``watch``).
+        diagnose_first_batch: Run :func:`diagnostics.diagnose` on the first batch (costs one extra
+            forward + backward once).
+        patience: Steps without improvement before a :class:`LossPlateauWarning`; 0 disables it.
+        min_delta: The improvement (absolute, in loss units) that counts as movement.
+        log_name: Key of the gradient norm in the logs (default ``"<watch[0]>_grad_norm"``).
+
+    Attributes:
+        report: The first-batch diagnostics report (``None`` before, or when it could not run).
+        last_grad_norm: The watched parameters' gradient norm at the last optimizer step.
+        stats: ``micro_batches``, ``empty_memory_batches``, ``memory_used`` (one bool per
+            micro-batch, in order) and ``step_losses`` (``(step, mean micro-batch loss)`` per
+            optimizer step, unrounded) of this process.
+    """
+
+    def __init__(
+        self,
+        watch: Sequence[str] = ("proj",),
+        *,
+        expect_trainable: Sequence[str] | None = None,
+        diagnose_first_batch: bool = True,
+        patience: int = 50,
+        min_delta: float = 1e-4,
+        log_name: str | None = None,
+    ) -> None:
+        if isinstance(watch, str):
+            watch = (watch,)
+        if not watch:
+            raise ValueError("`watch` is empty; name the adapter's parameter prefix, e.g. watch=('proj',).")
+        if patience < 0:
+            raise ValueError(f"`patience` must be >= 0 (0 disables the plateau warning), got {patience}.")
+        self.watch = tuple(watch)
+        self.expect_trainable = tuple(expect_trainable) if expect_trainable is not None else self.watch
+        self.diagnose_first_batch = diagnose_first_batch
+        self.patience = patience
+        self.min_delta = min_delta
+        self.log_name = log_name or f"{self.watch[0]}_grad_norm"
+        self.report: Any = None
+        self.last_grad_norm: float | None = None
+        self.stats: dict[str, Any] = {}
+        self._handles: list[Any] = []
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        self._model: nn.Module | None = None
+        self._control: Any = None
+        self._global_step = 0
+        self._busy = False  # True while the diagnostics engine runs the model itself
+        self._diagnosed = not self.diagnose_first_batch
+        self._grad_checks = True
+        self._check_grad_finite = True
+        self._current_batch: Any = None
+        self._step_losses: list[float] = []
+        self._step_memory: list[bool] = []
+        self._grad_sq: dict[str, torch.Tensor] = {}
+        self._best: float | None = None
+        self._since_best = 0
+        self.stats = {"micro_batches": 0, "empty_memory_batches": 0, "memory_used": [], "step_losses": []}
+
+    # ------------------------------------------------------------------ events
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        self._remove_hooks()
+        self._reset_run_state()
+        if model is None:
+            raise ValueError("GradFlowCallback needs the model (the Trainer passes it to callbacks).")
+        self._model, self._control, self._global_step = model, control, state.global_step
+        # DeepSpeed keeps gradients in its own partitioned buffers: param.grad says nothing there.
+        self._grad_checks = not getattr(args, "deepspeed", None)
+        # fp16 loss scaling overflows on purpose now and then; the scaler skips those steps.
+        self._check_grad_finite = not getattr(args, "fp16", False)
+        watched = [(n, p) for n, p in model.named_parameters() if p.requires_grad and self._watched(n)]
+        if not watched:
+            self._stop(
+                "not_trainable",
+                f"no trainable parameter matches watch={list(self.watch)}: the adapter is frozen or "
+                "missing, so training would change nothing. Unfreeze it (set_trainable_params) "
+                "before building the trainer.",
+            )
+        self._handles.append(model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._post_forward, with_kwargs=True))
+        if self._grad_checks:
+            for name, param in watched:
+                self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(name)))
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._global_step = state.global_step
+        if self._grad_checks and self._model is not None:
+            self._check_step_gradient()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._global_step = state.global_step
+        if self._step_losses:
+            loss = sum(self._step_losses) / len(self._step_losses)
+            self.stats["step_losses"].append((state.global_step, loss))
+            self._check_plateau(loss)
+        self._step_losses, self._step_memory = [], []
+        self._grad_sq.clear()
+        self._current_batch = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        # AdapterOnlyTrainer already asked extra_logs(); with a plain Trainer, add them here.
+        if logs is None or "loss" not in logs or self.log_name in logs:
+            return
+        extra = self.extra_logs(state)
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step and "loss" in state.log_history[-1]:
+            state.log_history[-1].update(extra)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._remove_hooks()
+
+    def extra_logs(self, state: Any = None) -> dict[str, float]:
+        """What this callback adds to a training log entry."""
+        extra: dict[str, float] = {"empty_memory_batches": self.stats.get("empty_memory_batches", 0)}
+        if self.last_grad_norm is not None:
+            extra[self.log_name] = self.last_grad_norm
+        return extra
+
+    # ------------------------------------------------------------------ hooks
+
+    def _watched(self, name: str) -> bool:
+        return any(name == w or name.startswith(w + ".") for w in self.watch)
+
+    def _active(self, module: nn.Module) -> bool:
+        return (
+            not self._busy
+            and module.training
+            and torch.is_grad_enabled()
+            and not torch.is_inference_mode_enabled()
+        )
+
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._active(module):
+            return
+        self._current_batch = dict(kwargs) if kwargs else args
+        if not self._diagnosed:
+            self._diagnosed = True
+            self._diagnose_first_batch(self._current_batch)
+
+    def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._active(module):
+            return
+        loss = _loss_of(output)
+        if loss is None:
+            return
+        value = float(loss.detach().float())
+        memory = getattr(output, "memory_used", None) is not False  # unknown (not a MEMModel) = used
+        self._step_losses.append(value)
+        self._step_memory.append(memory)
+        self.stats["micro_batches"] += 1
+        self.stats["empty_memory_batches"] += int(not memory)
+        self.stats["memory_used"].append(memory)
+        step = self._global_step + 1
+        if not math.isfinite(value):
+            diverged = [n for n, p in module.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+            hint = (
+                f"the adapter's weights are already non-finite ({diverged[:3]}): an earlier update "
+                "diverged — lower the learning rate or clip gradients"
+                if diverged
+                else "the weights are finite, so look at this batch: its inputs, its labels, the "
+                "compute dtype (fp16 overflow)"
+            )
+            self._stop("nan_loss", f"the training loss is {value} at step {step}; {hint}.", step)
+        if not loss.requires_grad:
+            report = self._run_diagnosis(self._current_batch)
+            detail = f"\n{_findings_text(report)}" if report is not None else ""
+            self._stop(
+                "no_grad_fn",
+                f"the training loss of step {step} has no grad_fn (memory used: {memory}), so "
+                f"backward would raise 'element 0 of tensors does not require grad'. Nothing "
+                f"trainable took part in this batch's loss.{detail}",
+                step,
+                report,
+            )
+
+    def _grad_hook(self, name: str) -> Any:
+        def hook(param: torch.Tensor) -> None:
+            if not self._busy and param.grad is not None:
+                # A tensor, not a float: no device sync per micro-batch. The last call of a step
+                # sees the fully accumulated gradient.
+                self._grad_sq[name] = param.grad.detach().float().pow(2).sum()
+
+        return hook
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_step_gradient(self) -> None:
+        step = self._global_step + 1
+        norm = math.sqrt(float(sum(self._grad_sq.values()))) if self._grad_sq else 0.0
+        self.last_grad_norm = norm
+        if self._check_grad_finite and not math.isfinite(norm):
+            self._stop(
+                "nan_grad",
+                f"{self.log_name} is {norm} at step {step} (the loss was finite): an overflow in "
+                "backward. Lower the learning rate, or use bf16/fp32 instead of fp16.",
+                step,
+            )
+        supervised = any(m and loss != 0.0 for m, loss in zip(self._step_memory, self._step_losses))
+        if supervised and norm == 0.0:
+            batch = self._current_batch if self._step_memory and self._step_memory[-1] else None
+            report = self._run_diagnosis(batch) if batch is not None else None
+            detail = f"\n{_findings_text(report)}" if report is not None else ""
+            what = "no gradient" if not self._grad_sq else "an exactly zero gradient"
+            self._stop(
+                "no_gradient",
+                f"{list(self.watch)} got {what} at step {step} although this step's batch used "
+                f"memory and had a non-zero loss: gradient flow into the adapter is broken on this "
+                f"batch (a no_grad/detach on the adapter's path that depends on the batch?).{detail}",
+                step,
+                report,
+            )
+
+    def _check_plateau(self, loss: float) -> None:
+        if self._best is None or loss < self._best - self.min_delta:
+            self._best, self._since_best = loss, 0
+            return
+        self._since_best += 1
+        if self.patience and self._since_best >= self.patience:
+            message = (
+                f"the training loss has not improved by more than {self.min_delta:g} for "
+                f"{self._since_best} steps (best {self._best:.6g}, now {loss:.6g}, step "
+                f"{self._global_step}): check that {list(self.watch)} trains (proj_grad_norm, "
+                "empty_memory_batches) and the learning rate."
+            )
+            logger.warning(message)
+            warnings.warn(message, LossPlateauWarning, stacklevel=2)
+            self._since_best = 0
+
+    def _diagnose_first_batch(self, batch: Any) -> None:
+        report = self._run_diagnosis(batch)
+        self.report = report
+        if report is None:
+            return
+        if getattr(report, "status", "ok") == "error":
+            self._stop(
+                "broken_grad_flow",
+                "the diagnostics engine found broken gradient flow on the first training batch, "
+                "so training stops before the first update:\n" + _findings_text(report),
+                self._global_step + 1,
+                report,
+            )
+        for finding in getattr(report, "findings", []):
+            if finding.severity == "warning":
+                logger.warning("first batch: [%s] %s", finding.cause, finding.message)
+        logger.info("first batch: gradient flow into %s is healthy.", list(self.expect_trainable))
+
+    def _run_diagnosis(self, batch: Any) -> Any:
+        """Run the diagnostics engine on ``batch``; ``None`` when it is unavailable or fails."""
+        if batch is None or self._model is None:
+            return None
+        try:
+            from diagnostics import diagnose
+        except Exception as err:  # the engine is optional at run time: the per-step checks remain
+            logger.warning("diagnostics engine unavailable (%s): skipping the batch diagnosis.", err)
+            return None
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        self._busy = True
+        try:
+            with torch.random.fork_rng(devices=devices):  # the diagnosis must not shift the training RNG
+                return diagnose(self._model, batch, expect_trainable=list(self.expect_trainable))
+        except Exception as err:
+            logger.warning("the diagnostics engine failed on this batch (%s: %s); continuing with the per-step checks.", type(err).__name__, err)
+            return None
+        finally:
+            self._busy = False
+
+    def _stop(self, cause: str, message: str, step: int = 0, report: Any = None) -> None:
+        if self._control is not None:
+            self._control.should_training_stop = True
+        full = f"GradFlowCallback stopped training ({cause}): {message}"
+        logger.error(full)
+        raise TrainingStopped(full, cause=cause, step=step, report=report)
+
+
+__all__ = ["GradFlowCallback", "LossPlateauWarning", "TrainingStopped"]

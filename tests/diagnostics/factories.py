@@ -1,0 +1,30 @@
+"""``--factory`` targets for the CLI tests: FUNC() -> {"model", "batch", "expect_trainable"}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zoo
+
+
+def healthy() -> dict[str, Any]:
+    return {"model": zoo.MemLike(), "batch": zoo.make_batch(), "expect_trainable": ["proj"]}
+
+
+def proj_under_no_grad() -> dict[str, Any]:
+    return {"model": zoo.ProjUnderNoGrad(), "batch": zoo.make_batch(), "expect_trainable": ["proj"]}
+
+
+def blanket_freeze() -> dict[str, Any]:
+    return {"model": zoo.BlanketFreeze(), "batch": zoo.make_batch(), "expect_trainable": ["proj"]}
+
+
+def shape_mismatch() -> dict[str, Any]:
+    """Not a gradient problem: the projector's input width does not match the encoder (exit 2)."""
+    model = zoo.MemLike()
+    model.proj = zoo.make_proj(vision_dim=zoo.VISION_DIM * 2)
+    return {"model": model, "batch": zoo.make_batch()}
+
+
+def not_a_dict() -> list[int]:
+    return [1, 2, 3]
