@@ -312,12 +312,20 @@ def lint_tree(tree: ast.Module, filename: str) -> list[LintFinding]:
     return findings
 
 
+_LINT_CACHE: dict[str, tuple[float, list[LintFinding]]] = {}
+
+
 def lint_file(path: str | os.PathLike[str]) -> list[LintFinding]:
     """Lint one file. Raises ``OSError`` when it cannot be read; syntax errors give no findings."""
     filename = os.fspath(path)
-    Path(filename).stat()  # raise OSError for a missing file
+    mtime = Path(filename).stat().st_mtime  # raises OSError for a missing file
+    cached = _LINT_CACHE.get(filename)
+    if cached is not None and cached[0] == mtime:
+        return list(cached[1])
     tree = parse_file(filename)
-    return lint_tree(tree, filename) if tree is not None else []
+    findings = lint_tree(tree, filename) if tree is not None else []
+    _LINT_CACHE[filename] = (mtime, findings)
+    return list(findings)
 
 
 def lint_paths(paths: Sequence[str | os.PathLike[str]]) -> list[LintFinding]:

@@ -241,14 +241,18 @@ class GradFlowCallback(TrainerCallback):
         self.stats["memory_used"].append(memory)
         step = self._global_step + 1
         if not math.isfinite(value):
-            diverged = [n for n, p in module.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-            hint = (
-                f"the adapter's weights are already non-finite ({diverged[:3]}): an earlier update "
-                "diverged — lower the learning rate or clip gradients"
-                if diverged
-                else "the weights are finite, so look at this batch: its inputs, its labels, the "
-                "compute dtype (fp16 overflow)"
-            )
+            with torch.no_grad():
+                largest = max((float(p.detach().abs().max()) for p in module.parameters() if p.requires_grad and p.numel()), default=0.0)
+            if not math.isfinite(largest) or largest > 1e4:
+                hint = (
+                    f"the trainable weights have diverged (largest |w| = {largest:.3g}): an earlier "
+                    "update was far too large — lower the learning rate"
+                )
+            else:
+                hint = (
+                    f"the trainable weights look sane (largest |w| = {largest:.3g}), so look at this "
+                    "batch: its inputs, its labels, the compute dtype (fp16 overflow)"
+                )
             self._stop("nan_loss", f"the training loss is {value} at step {step}; {hint}.", step)
         if not loss.requires_grad:
             report = self._run_diagnosis(self._current_batch)

@@ -43,6 +43,8 @@ class MEMConfig(PretrainedConfig):
         assistant_marker: Text that opens the answer being trained on; the history ends before
             its last occurrence.
         memory_token: Placeholder token whose positions receive the vision embeddings.
+        memory_token_id: Its id, for models built without a tokenizer (seed-scale benchmarks);
+            with a tokenizer, ``memory_token`` is looked up instead.
         max_pages: Most pages rendered per row; longer history keeps its *most recent* pages.
         font_path: Font for rendering; ``None`` picks a CJK-capable system font when there is one.
         font_size: Font size in pixels; ``None`` scales the Glyph recipe (9 pt at 1280 px).
@@ -68,6 +70,7 @@ class MEMConfig(PretrainedConfig):
         projector_type: str = "mlp2x_gelu",  # the user's proj: Linear -> GELU -> Linear
         assistant_marker: str = "<|im_start|>assistant\n",  # Qwen chat template
         memory_token: str = "<|image_pad|>",  # an existing Qwen special token: no embedding resize
+        memory_token_id: int | None = None,
         max_pages: int = 8,  # 8 x 256 tokens at 1024 px: ~2k vision tokens per row
         font_path: str | None = None,
         font_size: int | None = None,
@@ -84,6 +87,7 @@ class MEMConfig(PretrainedConfig):
         self.projector_type = projector_type
         self.assistant_marker = assistant_marker
         self.memory_token = memory_token
+        self.memory_token_id = memory_token_id
         self.max_pages = max_pages
         self.font_path = font_path
         self.font_size = font_size

@@ -233,6 +233,8 @@ class MEMModel(PreTrainedModel):
 
     @property
     def memory_token_id(self) -> int:
+        if self.tokenizer is None and self.config.memory_token_id is not None:
+            return int(self.config.memory_token_id)
         tokenizer = self._require_tokenizer("memory_token")
         token_id = tokenizer.convert_tokens_to_ids(self.config.memory_token)
         if token_id is None or token_id == tokenizer.unk_token_id:
@@ -395,9 +397,10 @@ class MEMModel(PreTrainedModel):
             ValueError: The number of memory tokens does not match the encoded pages.
             EmptyMemoryError: No row has memory and ``empty_memory_policy`` is ``"error"``.
         """
-        mem_id = self.memory_token_id if self.tokenizer is not None else None
+        has_tokenizer = self.tokenizer is not None
+        mem_id = self.memory_token_id if has_tokenizer or self.config.memory_token_id is not None else None
         has_mem_tokens = mem_id is not None and bool((input_ids == mem_id).any())
-        if pixel_values is None and not has_mem_tokens and self.tokenizer is not None:
+        if pixel_values is None and not has_mem_tokens and has_tokenizer:
             batch = self.compress_history(input_ids, attention_mask, labels)
             input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
             labels, pixel_values, position_ids = batch.get("labels"), batch["pixel_values"], None

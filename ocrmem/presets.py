@@ -1,7 +1,8 @@
 """Seed-scale preset: the user's real shapes (Qwen3-8B + full DeepEncoder + proj), built on ``meta``.
 
 ``meta`` tensors have shapes but no storage, so the 8.6 B-parameter table costs no memory and
-takes a second. The same builder materialises random bf16 weights on a GPU for benchmarks.
+takes a second. :func:`materialize_random` then gives the same model random bf16 weights on a GPU
+for the throughput and memory benchmarks (``benchmarks/gpu_suite.py``).
 
     python -m ocrmem.presets                              # the table with the user's settings
     python -m ocrmem.presets --vision-embedding-size 1024 # the configuration that builds
@@ -36,6 +37,7 @@ QWEN3_8B = dict(
     tie_word_embeddings=False,
     rms_norm_eps=1e-6,
 )
+QWEN_IMAGE_PAD_ID = 151_655  # `<|image_pad|>` in Qwen's tokenizer: the memory placeholder
 USER_VISION_EMBEDDING_SIZE = 512  # what the user's training script sets (a bug: the encoder emits 1024)
 
 
@@ -100,12 +102,101 @@ def build_seed_scale_model(
         ocr_model_name="<seed-scale DeepEncoder>",
         vision_embedding_size=vision_embedding_size,
         encoder_readout=readout,
-        **config_kwargs,
+        **{"memory_token_id": QWEN_IMAGE_PAD_ID, **config_kwargs},
     )
     llm = build_seed_scale_llm(device)
     encoder = build_seed_scale_encoder(readout, device)
     with torch.device(device):
         return MEMModel(config, base_llm=llm, ocr_embed=encoder)
+
+
+def _rebuild_config_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Real values of the buffers that parameter-free, config-built submodules compute in ``__init__``.
+
+    A rotary embedding's ``inv_freq`` is a function of its config, not a weight: random values
+    would make a benchmark run a different computation. Rebuilding such a module on the CPU
+    costs microseconds (it has no parameters).
+    """
+    values: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        own = dict(module.named_buffers(recurse=False))
+        if not own or not any(b.is_meta for b in own.values()) or getattr(module, "config", None) is None:
+            continue
+        if next(module.parameters(recurse=False), None) is not None:
+            continue
+        with torch.device("cpu"):
+            fresh = type(module)(module.config)
+        for buffer_name, value in fresh.named_buffers(recurse=False):
+            values[f"{name}.{buffer_name}" if name else buffer_name] = value
+    return values
+
+
+@torch.no_grad()
+def materialize_random(
+    model: nn.Module,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    std: float = 0.02,
+    seed: int = 0,
+) -> nn.Module:
+    """Give a ``meta``-device model random weights on ``device``, in place, for benchmarks.
+
+    The 8.6 B-parameter seed-scale model never exists in float32 anywhere: it is cast to
+    ``dtype`` while still on ``meta`` (free), then allocated once on ``device`` (17 GB in bf16).
+
+    Initialisation (HF's defaults, so activations stay in the range a real checkpoint gives):
+    weights ~ N(0, ``std``), biases 0, the weight of every ``*Norm*`` module 1. Buffers that a
+    parameter-free, config-built module derives from its config (rotary ``inv_freq``) are
+    recomputed exactly and keep their own dtype; other floating buffers (the CLIP position
+    table of the ``tokens_plus_clip`` read-out) get N(0, ``std``). ``requires_grad`` flags are
+    kept, so ``proj`` stays the only trainable part.
+
+    Args:
+        model: A module whose parameters and buffers are all on the ``meta`` device, e.g.
+            :func:`build_seed_scale_model` ``(vision_embedding_size=1024)``.
+        dtype: Dtype of every parameter and floating buffer (except recomputed ones).
+        device: Where the weights are allocated.
+        std: Standard deviation of the random weights.
+        seed: Seeds the generator, so two calls give the same weights on the same device.
+
+    Returns:
+        ``model`` itself, now on ``device``.
+
+    Raises:
+        ConfigError: A parameter or buffer is not on ``meta`` (its values would be lost), or a
+            non-floating buffer cannot be recomputed.
+    """
+    not_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_meta]
+    if not_meta:
+        raise ConfigError(
+            f"materialize_random expects a model built on the meta device, but {not_meta[:5]} hold real "
+            "values that would be overwritten; build it with device='meta' (e.g. build_seed_scale_model())."
+        )
+    exact = _rebuild_config_buffers(model)
+    model.to(dtype)  # on meta: changes dtypes, allocates nothing
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for module_name, module in model.named_modules():
+        is_norm = "Norm" in type(module).__name__
+        for name, param in module.named_parameters(recurse=False):
+            if name == "bias":
+                param.zero_()
+            elif is_norm and name == "weight":
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std, generator=generator)
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            full_name = f"{module_name}.{name}" if module_name else name
+            if full_name in exact:
+                module._buffers[name] = exact[full_name].to(device)
+            elif buffer.is_floating_point():
+                buffer.normal_(0.0, std, generator=generator)
+            else:
+                raise ConfigError(
+                    f"materialize_random cannot invent the integer buffer `{full_name}` "
+                    f"{tuple(buffer.shape)}; build that module with real values or extend this function."
+                )
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,11 +223,13 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "QWEN3_8B",
+    "QWEN_IMAGE_PAD_ID",
     "USER_VISION_EMBEDDING_SIZE",
     "build_seed_scale_encoder",
     "build_seed_scale_llm",
     "build_seed_scale_model",
     "main",
+    "materialize_random",
     "seed_scale_counts",
 ]
 

@@ -13,7 +13,7 @@ import torch
 import zoo
 from diagnostics import diagnose
 from diagnostics.causes import ERROR
-from helpers import line_of, same_file
+from diag_helpers import line_of, same_file
 
 
 def _error(report, cause):

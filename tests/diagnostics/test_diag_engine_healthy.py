@@ -7,7 +7,7 @@ import torch
 
 import zoo
 from diagnostics import diagnose
-from helpers import line_of
+from diag_helpers import line_of
 
 HEALTHY = [zoo.MemLike, zoo.FrozenInEval, zoo.TrackedPixels]
 

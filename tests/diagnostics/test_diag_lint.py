@@ -9,7 +9,7 @@ from pathlib import Path
 
 import zoo
 from diagnostics.lint import lint_file, main
-from helpers import line_of
+from diag_helpers import line_of
 
 ZOO = Path(zoo.__file__)
 

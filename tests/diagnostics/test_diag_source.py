@@ -8,7 +8,7 @@ import sys
 import torch
 
 from diagnostics.source import CodeClassifier, grad_disable_kind, scan_callable, scan_function
-from helpers import line_of
+from diag_helpers import line_of
 
 
 def with_block(x):

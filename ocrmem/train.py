@@ -1,0 +1,396 @@
+"""Train the adapter (``proj``) of a MEMModel on the built-in synthetic memory task.
+
+    python -m ocrmem.train --output-dir runs/tiny --max-steps 200
+
+Each example's fact ("My cat is called Luna.") lives only in the history, which is rendered to
+pages and read through the frozen OCR encoder; the question is in the recent text and the answer
+is trained on (:func:`ocrmem.data.synthetic_memory_examples`). Without ``--model-dir`` the tiny
+preset is written to ``OUTPUT_DIR/model_init`` first (random weights, a few MB, CPU-friendly).
+
+What ``OUTPUT_DIR`` holds afterwards:
+
+* ``model.safetensors`` + ``config.json`` — the trained adapter; the config names the frozen LLM
+  and OCR encoder by absolute path, so ``MEMModel.from_pretrained(OUTPUT_DIR)`` loads it as is
+  (so do the ``checkpoint-N`` dirs);
+* ``checkpoint-N/`` every ``--save-steps`` (adapter, optimizer, scheduler, RNG state,
+  ``trainer_state.json``; written crash-safely, see :mod:`ocrmem.training`);
+* ``trainer_state.json`` — HF's state with ``log_history`` (``loss``, ``grad_norm``,
+  ``proj_grad_norm``, ``empty_memory_batches``);
+* ``loss_curve.png`` — loss per logged step, ``proj_grad_norm`` on a second axis.
+
+Every step is watched by :class:`~ocrmem.callbacks.GradFlowCallback` (first-batch gradient-flow
+diagnosis, NaN/inf loss, no gradient into ``proj``, loss plateau).
+
+More than one process: ``torchrun --nproc_per_node 2 -m ocrmem.train ...`` trains with DDP (gloo on
+CPU, NCCL on GPUs). Rows without compressed history give a zero-weighted loss on every trainable
+parameter, so DDP sees every parameter used on every rank (``ddp_find_unused_parameters=False``)
+even when one rank's batch has no history (``--empty-history-fraction`` makes that happen).
+
+DeepSpeed: ``--deepspeed ds_config.json`` is passed to ``TrainingArguments(deepspeed=...)``.
+It needs ``pip install deepspeed`` and CUDA GPUs, and is launched with ``deepspeed`` or
+``torchrun``; ``"auto"`` values in the config are filled from these arguments (batch size,
+gradient accumulation, learning rate). Under DeepSpeed the per-step gradient checks of
+GradFlowCallback are off (gradients live in DeepSpeed's buffers).
+
+Exit status: 0 trained, 1 training stopped by a finding (GradFlowCallback), 2 bad arguments or
+paths (including an output dir that cannot be written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_STOPPED = 1
+EXIT_USAGE = 2
+
+EPILOG = """\
+examples:
+  # tiny preset, CPU, about a minute; then look at OUT/loss_curve.png
+  python -m ocrmem.train --output-dir OUT --max-steps 300
+
+  # your own MEMModel dir (config.json naming the LLM and OCR dirs), the user's settings
+  python -m ocrmem.train --model-dir /models/mem --output-dir OUT --batch-size 2 \\
+      --grad-accum 8 --learning-rate 2e-4 --activation-checkpointing
+
+  # two processes on CPU (gloo); rows without history on purpose
+  torchrun --nproc_per_node 2 -m ocrmem.train --output-dir OUT --max-steps 50 \\
+      --empty-history-fraction 0.5
+
+  # resume after a crash from the last complete checkpoint
+  python -m ocrmem.train --output-dir OUT --max-steps 300 --resume-from-checkpoint last
+
+  # DeepSpeed (needs `pip install deepspeed` and CUDA GPUs)
+  torchrun --nproc_per_node 8 -m ocrmem.train --model-dir /models/mem --output-dir OUT \\
+      --deepspeed ds_zero2.json
+
+exit status: 0 trained, 1 stopped by a gradient-flow/NaN finding, 2 bad arguments or paths.
+wandb: --report-to wandb needs `pip install wandb`; WANDB_MODE=offline logs without network.
+"""
+
+
+class UsageError(Exception):
+    """A bad argument or path: exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ocrmem.train",
+        description=(
+            "Train only the projector (proj) of a MEMModel on a synthetic memory task: facts live in "
+            "rendered history pages, questions in the recent text. Without --model-dir the tiny preset "
+            "is written to OUTPUT_DIR/model_init and trained on CPU."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = parser.add_argument_group("model and output")
+    where.add_argument("--output-dir", required=True, metavar="DIR", help="where checkpoints, the adapter, trainer_state.json and loss_curve.png go")
+    where.add_argument("--model-dir", metavar="DIR", help="a MEMModel dir (config.json [+ model.safetensors]); default: the tiny preset")
+    where.add_argument("--resume-from-checkpoint", metavar="PATH|last", help="resume from a checkpoint dir, or 'last' = the newest complete one in OUTPUT_DIR")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--max-steps", type=int, default=200, help="optimizer steps (default 200)")
+    opt.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate, linear decay (default 1e-3; the user's 8B run used 2e-4)")
+    opt.add_argument("--batch-size", type=int, default=2, help="rows per device and micro-batch (default 2)")
+    opt.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    opt.add_argument("--seed", type=int, default=0, help="seeds data, proj init and training (default 0)")
+    opt.add_argument("--activation-checkpointing", action="store_true", help="checkpoint the LLM's layers (non-reentrant) to save memory")
+    opt.add_argument("--deepspeed", metavar="CONFIG.json", help="DeepSpeed config passed to TrainingArguments (needs deepspeed + CUDA GPUs)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--num-examples", type=int, default=512, help="synthetic examples, reused across epochs (default 512)")
+    data.add_argument("--empty-history-fraction", type=float, default=0.0, metavar="F",
+                      help="fraction of examples with no history at all (no pages: proj takes no part in such rows; default 0)")
+    data.add_argument("--num-workers", type=int, default=0, help="DataLoader workers that render pages (default 0)")
+
+    log = parser.add_argument_group("saving and logging")
+    log.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps; 0 = only the final adapter (default 50)")
+    log.add_argument("--save-total-limit", type=int, default=3, help="keep the newest N checkpoints (default 3)")
+    log.add_argument("--logging-steps", type=int, default=10, help="log loss and proj_grad_norm every N steps (default 10)")
+    log.add_argument("--patience", type=int, default=50, help="warn when the loss has not improved for N steps; 0 = never (default 50)")
+    log.add_argument("--report-to", choices=("none", "wandb"), default="none", help="experiment tracker (default none)")
+    log.add_argument("--save-rank-weights", action="store_true",
+                     help="every process also writes its proj to OUTPUT_DIR/rank{R}.safetensors and its batch stats to rank{R}.json (to check DDP replicas)")
+    return parser
+
+
+def validate(opts: argparse.Namespace) -> None:
+    """Raise :class:`UsageError` for anything wrong before any work starts."""
+    positive = {"--max-steps": opts.max_steps, "--batch-size": opts.batch_size, "--grad-accum": opts.grad_accum,
+                "--num-examples": opts.num_examples, "--logging-steps": opts.logging_steps}
+    for flag, value in positive.items():
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}.")
+    for flag, value in {"--save-steps": opts.save_steps, "--save-total-limit": opts.save_total_limit,
+                        "--patience": opts.patience, "--num-workers": opts.num_workers}.items():
+        if value < 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}.")
+    if not opts.learning_rate > 0:
+        raise UsageError(f"--learning-rate must be > 0, got {opts.learning_rate}.")
+    if not 0.0 <= opts.empty_history_fraction <= 1.0:
+        raise UsageError(f"--empty-history-fraction must be within [0, 1], got {opts.empty_history_fraction}.")
+    if opts.model_dir is not None:
+        model_dir = Path(opts.model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise UsageError(f"--model-dir {model_dir}: no config.json there — not a MEMModel dir (python -m ocrmem.tiny DIR writes one).")
+    if opts.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--report-to wandb needs wandb: pip install wandb (and WANDB_MODE=offline to log without network).")
+    if opts.deepspeed is not None:
+        config = Path(opts.deepspeed)
+        if not config.is_file():
+            raise UsageError(f"--deepspeed {config}: no such file.")
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--deepspeed {config} is not valid JSON ({err}).") from err
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UsageError("--deepspeed needs DeepSpeed: pip install deepspeed (and CUDA GPUs).")
+
+
+def check_writable(path: Path) -> None:
+    """Create ``path`` and prove a file can be written there (fail early, not after an hour)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"--output-dir {path} is not writable: {err.strerror or err}.") from err
+
+
+def training_arguments(opts: argparse.Namespace, output_dir: Path) -> Any:
+    """The ``TrainingArguments`` for these options (CPU: gloo for DDP; a GPU when one is visible)."""
+    import torch
+    from transformers import TrainingArguments
+
+    from . import compat
+
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        max_steps=opts.max_steps,
+        per_device_train_batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum,
+        learning_rate=opts.learning_rate,
+        seed=opts.seed,
+        data_seed=opts.seed,
+        save_strategy="steps" if opts.save_steps else "no",
+        save_steps=opts.save_steps or 500,
+        save_total_limit=opts.save_total_limit or None,
+        logging_steps=opts.logging_steps,
+        logging_first_step=True,
+        report_to=[] if opts.report_to == "none" else [opts.report_to],
+        disable_tqdm=False,
+        remove_unused_columns=False,  # examples are dicts of text; the collator needs every key
+        dataloader_num_workers=opts.num_workers,
+        dataloader_pin_memory=cuda,
+        # Every trainable param takes part in every loss (the skip loss on batches without memory),
+        # so DDP need not search the graph for unused ones — and an error would say if one were.
+        ddp_find_unused_parameters=False,
+        **compat.training_args_checkpointing(opts.activation_checkpointing),
+    )
+    if not cuda:
+        kwargs["use_cpu"] = True
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: DDP over gloo
+            kwargs["ddp_backend"] = "gloo"
+    if opts.deepspeed is not None:
+        kwargs["deepspeed"] = str(Path(opts.deepspeed).resolve())
+    return TrainingArguments(**kwargs)
+
+
+def build_examples(n: int, seed: int, empty_fraction: float) -> list[dict[str, str]]:
+    """The synthetic memory task; a seeded ``empty_fraction`` of the rows get no history at all."""
+    from .data import synthetic_memory_examples
+
+    examples = synthetic_memory_examples(n, seed=seed)
+    rng = random.Random(seed + 1)
+    for example in examples:
+        if rng.random() < empty_fraction:
+            example["history"] = ""
+    return examples
+
+
+def ensure_model_dir(opts: argparse.Namespace, output_dir: Path) -> Path:
+    """``--model-dir``, or the tiny preset in ``OUTPUT_DIR/model_init`` (written once)."""
+    if opts.model_dir is not None:
+        return Path(opts.model_dir).resolve()
+    from .tiny import write_tiny
+
+    model_dir = output_dir / "model_init"
+    if not (model_dir / "config.json").is_file():  # config.json is written last: its presence = complete
+        write_tiny(model_dir, seed=opts.seed)
+    return model_dir
+
+
+def load_model(model_dir: Path) -> Any:
+    """Load the MEMModel and make its config name the LLM and OCR dirs by absolute path, so every
+    checkpoint and the final adapter dir load from anywhere."""
+    from .modeling import MEMModel, resolve_model_path
+
+    model = MEMModel.from_pretrained(model_dir)
+    config = model.config
+    config.base_model_name = str(resolve_model_path(config.base_model_name, "base_model_name", model_dir).resolve())
+    config.ocr_model_name = str(resolve_model_path(config.ocr_model_name, "ocr_model_name", model_dir).resolve())
+    return model
+
+
+def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Loss per logged step (and ``proj_grad_norm`` on a second axis) as a PNG; ``None`` without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logging.getLogger(__name__).warning("matplotlib is not installed: no %s (pip install matplotlib).", path.name)
+        return None
+    rows = [h for h in log_history if "loss" in h and "step" in h]
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)  # Agg: no display needed
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([h["step"] for h in rows], [h["loss"] for h in rows], color="tab:blue", marker=".", label="loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    grads = [h for h in rows if "proj_grad_norm" in h]
+    if grads:
+        ax2 = ax.twinx()
+        ax2.plot([h["step"] for h in grads], [h["proj_grad_norm"] for h in grads], color="tab:orange", alpha=0.7, label="proj_grad_norm")
+        ax2.set_ylabel("proj gradient norm", color="tab:orange")
+    ax.set_title("adapter-only training")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_resume(value: str | None, output_dir: Path) -> str | None:
+    if value is None:
+        return None
+    if value == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            print(f"--resume-from-checkpoint last: no checkpoint in {output_dir}, starting from scratch.", file=sys.stderr)
+        return last
+    if not Path(value, "trainer_state.json").is_file():
+        raise UsageError(f"--resume-from-checkpoint {value}: not a checkpoint dir (no trainer_state.json).")
+    return str(Path(value).resolve())
+
+
+def save_rank_weights(trainer: Any, model: Any, callback: Any, output_dir: Path) -> None:
+    """``rank{R}.safetensors`` (this process's proj) and ``rank{R}.json`` (its batch stats)."""
+    from safetensors.torch import save_file
+
+    rank = trainer.args.process_index
+    save_file(model.trainable_state_dict(), str(output_dir / f"rank{rank}.safetensors"))
+    stats = {k: v for k, v in callback.stats.items()}
+    stats["world_size"] = trainer.args.world_size
+    (output_dir / f"rank{rank}.json").write_text(json.dumps(stats), encoding="utf-8")
+
+
+def finish(trainer: Any, output_dir: Path, *, save_adapter: bool) -> dict[str, Any]:
+    """Write the final adapter, ``trainer_state.json`` and the loss curve (main process only)."""
+    if save_adapter:
+        trainer.save_model(str(output_dir))
+    if not trainer.is_world_process_zero():
+        return {}
+    trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    curve = plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
+    return {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None, "curve": curve}
+
+
+def run(opts: argparse.Namespace) -> int:
+    output_dir = Path(opts.output_dir).resolve()
+    check_writable(output_dir)
+    resume = resolve_resume(opts.resume_from_checkpoint, output_dir)
+    try:
+        args = training_arguments(opts, output_dir)
+    except (ValueError, ImportError) as err:
+        raise UsageError(f"invalid training arguments: {err}") from err
+
+    from transformers import set_seed
+
+    from .callbacks import GradFlowCallback, TrainingStopped
+    from .data import MemoryCollator
+    from .training import AdapterOnlyTrainer
+
+    main_process = args.process_index == 0
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ocrmem").setLevel(logging.INFO if main_process else logging.WARNING)
+    with args.main_process_first(desc="writing the tiny preset"):
+        model_dir = ensure_model_dir(opts, output_dir)
+    set_seed(opts.seed)
+    try:
+        model = load_model(model_dir)
+    except (FileNotFoundError, ValueError) as err:  # ConfigError / CheckpointError are ValueErrors
+        raise UsageError(f"cannot load the model from {model_dir}: {err}") from err
+    if main_process:
+        print(model.parameter_report(), file=sys.stderr)
+
+    callback = GradFlowCallback(patience=opts.patience)
+    trainer = AdapterOnlyTrainer(
+        model=model,
+        args=args,
+        train_dataset=build_examples(opts.num_examples, opts.seed, opts.empty_history_fraction),
+        data_collator=MemoryCollator.for_model(model),
+        callbacks=[callback],
+    )
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except TrainingStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        finish(trainer, output_dir, save_adapter=False)  # keep the log up to the stop; the adapter is not saved
+        return EXIT_STOPPED
+    elapsed = time.perf_counter() - started
+    summary = finish(trainer, output_dir, save_adapter=True)
+    if opts.save_rank_weights:
+        save_rank_weights(trainer, model, callback, output_dir)
+    if main_process:
+        weights = output_dir / "model.safetensors"
+        checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*"))
+        print(
+            f"trained {trainer.state.global_step} steps in {elapsed:.0f} s on {args.device} "
+            f"(world size {args.world_size}): loss {summary['first_loss']} -> {summary['last_loss']}\n"
+            f"adapter: {weights} ({weights.stat().st_size:,} bytes) + config.json "
+            f"(loads with MEMModel.from_pretrained({str(output_dir)!r}))\n"
+            f"checkpoints: {', '.join(checkpoints) or 'none'}\n"
+            f"log: {output_dir / 'trainer_state.json'}; loss curve: {summary['curve'] or 'not drawn'}",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (see the module docstring)."""
+    parser = build_parser()
+    try:
+        opts = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
+        return int(exit_.code or 0)
+    try:
+        validate(opts)
+        return run(opts)
+    except UsageError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:  # disk full / permissions while training or saving: a path problem
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+__all__ = ["EXIT_OK", "EXIT_STOPPED", "EXIT_USAGE", "build_parser", "main", "plot_loss_curve"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""python -m diagnostics.grad_flow: exit codes, --factory, --json, --graph."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import zoo
+from diagnostics.grad_flow import EXIT_CANNOT_RUN, EXIT_FINDINGS, EXIT_OK, main
+from diag_helpers import line_of
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+FACTORIES = HERE / "diag_factories.py"
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "diagnostics.grad_flow", *args],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=180,
+    )
+
+
+class TestMainInProcess:
+    def test_exit_0_healthy(self, capsys) -> None:
+        assert main([f"--factory={FACTORIES}:healthy", "--quiet"]) == EXIT_OK
+        assert "trainable params: 1,600 || all params:" in capsys.readouterr().out
+
+    def test_exit_1_with_json_to_stdout(self, capsys) -> None:
+        assert main([f"--factory={FACTORIES}:proj_under_no_grad", "--json", "-", "--quiet"]) == EXIT_FINDINGS
+        captured = capsys.readouterr()
+        data = json.loads(captured.out)
+        assert data["version"] == 1 and data["status"] == "error"
+        finding = data["findings"][0]
+        assert finding["cause"] == "grad_disabled"
+        assert finding["line"] == line_of(zoo.ProjUnderNoGrad.embed_history, "with torch.no_grad()")
+        assert "Gradient-flow report" in captured.err  # human text moves to stderr
+
+    def test_freeze_watch_points_at_the_loop(self, capsys, tmp_path) -> None:
+        out = tmp_path / "r.json"
+        assert main([f"--factory={FACTORIES}:blanket_freeze", "--json", str(out), "--quiet"]) == EXIT_FINDINGS
+        data = json.loads(out.read_text())
+        finding = next(f for f in data["findings"] if f["cause"] == "not_trainable" and f["params"])
+        assert finding["line"] == line_of(zoo.BlanketFreeze.__init__, "requires_grad = False")
+
+    @pytest.mark.parametrize(
+        "argv, reason",
+        [
+            ([f"--factory={FACTORIES}:missing"], "has no function"),
+            ([f"--factory={FACTORIES}:not_a_dict"], "must return a dict"),
+            (["--factory=nope.py:f"], "does not exist"),
+            (["--factory=no_colon"], "FILE.py:FUNC"),
+            (["/does/not/exist"], "not a directory"),
+            ([f"--factory={FACTORIES}:shape_mismatch"], "could not run"),
+        ],
+    )
+    def test_exit_2_with_one_line_reason(self, argv, reason, capsys) -> None:
+        assert main([*argv, "--quiet"]) == EXIT_CANNOT_RUN
+        err = capsys.readouterr().err.strip().splitlines()
+        assert reason in err[-1]
+
+    def test_graph_writes_dot(self, tmp_path, capsys) -> None:
+        target = tmp_path / "g.svg"
+        assert main([f"--factory={FACTORIES}:proj_under_no_grad", "--graph", str(target), "--quiet"]) == EXIT_FINDINGS
+        dot = (tmp_path / "g.dot").read_text()
+        assert '"proj"' in dot and "#fb6a4a" in dot  # proj is broken: red
+        if shutil.which("dot"):
+            assert target.read_text().lstrip().startswith(("<?xml", "<svg"))
+
+
+class TestSubprocess:
+    def test_factory_exit_codes_and_help(self, tmp_path) -> None:
+        ok = _cli(f"--factory={FACTORIES}:healthy", "--json", str(tmp_path / "ok.json"))
+        assert ok.returncode == EXIT_OK, ok.stderr
+        assert json.loads((tmp_path / "ok.json").read_text())["status"] == "ok"
+        assert "[grad_flow" in ok.stderr  # progress lines
+        bad = _cli(f"--factory={FACTORIES}:proj_under_no_grad", "--quiet")
+        assert bad.returncode == EXIT_FINDINGS and "[grad_disabled]" in bad.stdout
+        help_text = _cli("--help").stdout
+        assert "exit status" in help_text and "reentrant_checkpoint" in help_text and "--factory" in help_text
+
+    def test_missing_dot_message(self, tmp_path) -> None:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        os.symlink(sys.executable, bin_dir / "python")
+        env = {**os.environ, "PATH": str(bin_dir)}
+        result = _cli(f"--factory={FACTORIES}:healthy", "--graph", str(tmp_path / "g.svg"), "--quiet", env=env)
+        assert result.returncode == EXIT_OK, result.stderr
+        assert (tmp_path / "g.dot").exists() and not (tmp_path / "g.svg").exists()
+        assert "apt-get install graphviz" in result.stderr
