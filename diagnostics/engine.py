@@ -48,7 +48,7 @@ from .graph import GraphSummary, ReachMemo, walk_graph
 from .params import check_expectations, matches, parameter_table, report_level_modules
 from .report import Edge, LossInfo, ModuleState, Report, RunError
 from .source import CodeClassifier, SourceLocation, display_path
-from .trace import DisableInfo, ForwardTrace, ModuleCall, iter_tensors
+from .trace import DisableInfo, ForwardTrace, ModuleCall
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
@@ -844,7 +844,8 @@ def _check_grad_values(ctx: _Context, grads: dict[int, torch.Tensor], loss: Opti
             severity = WARNING
             why = (
                 "they are on the graph but their contribution is exactly zero (zero mask, dead "
-                "activation, zero-initialised downstream weight) — check the path"
+                "activation, zero-initialised downstream weight, or a `0 * ...` term that only keeps "
+                "the graph alive, e.g. for a batch without history) — this batch trains nothing there"
             )
         findings.append(
             Finding(

@@ -6,7 +6,9 @@ not enough. This callback does one thorough check and several cheap ones:
 
 * **first batch** — runs the diagnostics engine (:func:`diagnostics.diagnose`) on the first
   training batch, before its forward, and stops when it reports an error (broken gradient flow:
-  ``proj`` frozen, run under ``no_grad``, detached, ...). The model is left as it was.
+  ``proj`` frozen, run under ``no_grad``, detached, ...). When the adapter took no part in that
+  batch (no memory: a zero gradient proves nothing) it diagnoses the next one too, up to 3
+  batches. The model is left as it was (``.grad``, RNG state, hooks).
 * **every micro-batch** — the loss is finite, and has a ``grad_fn`` (otherwise ``backward``
   would raise the user's ``RuntimeError``: the callback diagnoses that batch and stops first);
   whether ``proj`` took part (``MEMOutput.memory_used``; batches without memory are counted).
@@ -101,6 +103,8 @@ class GradFlowCallback(TrainerCallback):
             optimizer step, unrounded) of this process.
     """
 
+    MAX_DIAGNOSIS_TRIES = 3  # batches in which the adapter took no part before settling for that
+
     def __init__(
         self,
         watch: Sequence[str] = ("proj",),
@@ -135,6 +139,7 @@ class GradFlowCallback(TrainerCallback):
         self._global_step = 0
         self._busy = False  # True while the diagnostics engine runs the model itself
         self._diagnosed = not self.diagnose_first_batch
+        self._diagnosis_tries = 0
         self._grad_checks = True
         self._check_grad_finite = True
         self._current_batch: Any = None
@@ -337,7 +342,15 @@ class GradFlowCallback(TrainerCallback):
                 self._global_step + 1,
                 report,
             )
-        for finding in getattr(report, "findings", []):
+        findings = getattr(report, "findings", [])
+        if any(f.cause == "unused_param" for f in findings) and self._diagnosis_tries < self.MAX_DIAGNOSIS_TRIES:
+            # Typically a batch without memory: proj is on the graph with a zero gradient, which
+            # proves little. Look at the next batch too (the per-step checks run meanwhile).
+            self._diagnosis_tries += 1
+            self._diagnosed = False
+            logger.info("batch %d: the adapter took no part (no memory?); diagnosing the next batch as well.", self._diagnosis_tries)
+            return
+        for finding in findings:
             if finding.severity == "warning":
                 logger.warning("first batch: [%s] %s", finding.cause, finding.message)
         logger.info("first batch: gradient flow into %s is healthy.", list(self.expect_trainable))

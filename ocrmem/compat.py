@@ -8,7 +8,9 @@ by the same code path.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,11 +49,27 @@ def dtype_kwarg(dtype: torch.dtype | str | None) -> dict[str, Any]:
     return {key: dtype}
 
 
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Hide transformers' per-load progress bars ("Loading weights", 5.x) for loads of local
+    tiny files that take milliseconds; restores the previous setting."""
+    from transformers.utils import logging as hf_logging
+
+    was_disabled = hf_logging.is_progress_bar_enabled() is False
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_causal_lm(path: str, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a local causal LM directory with no network access and no remote code."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **dtype_kwarg(dtype))
+    with quiet_progress():
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **dtype_kwarg(dtype))
 
 
 def trainer_processing_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -164,6 +182,7 @@ __all__ = [
     "has_qwen3",
     "is_activation_checkpointing",
     "load_causal_lm",
+    "quiet_progress",
     "numpy_safe_globals",
     "rotate_checkpoints",
     "tiny_llm_classes",

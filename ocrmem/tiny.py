@@ -118,7 +118,8 @@ def write_tiny(
     )
     torch.manual_seed(seed)
     llm = model_cls(llm_config)
-    llm.save_pretrained(root / "llm")
+    with compat.quiet_progress():
+        llm.save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
 
     torch.manual_seed(seed + 1)

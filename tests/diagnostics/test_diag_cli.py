@@ -82,7 +82,9 @@ class TestSubprocess:
         assert "[grad_flow" in ok.stderr  # progress lines
         bad = _cli(f"--factory={FACTORIES}:proj_under_no_grad", "--quiet")
         assert bad.returncode == EXIT_FINDINGS and "[grad_disabled]" in bad.stdout
-        help_text = _cli("--help").stdout
+        from diagnostics.grad_flow import build_parser
+
+        help_text = build_parser().format_help()
         assert "exit status" in help_text and "reentrant_checkpoint" in help_text and "--factory" in help_text
 
     def test_missing_dot_message(self, tmp_path) -> None:
