@@ -22,7 +22,9 @@ class SideBySide:
     """Time several candidates interleaved: one call of each per round, rotating who goes first.
 
     Args:
-        candidates: name -> zero-argument callable (one training step, one render, ...).
+        candidates: name -> zero-argument callable (one training step, one render, ...). A
+            callable that returns a float reports its own duration in seconds (to leave its
+            set-up out); otherwise the wall time of the call is recorded.
         baseline: The name the others are compared with.
     """
 
@@ -40,8 +42,9 @@ class SideBySide:
         shift = self._round % len(names)
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            self.candidates[name]()
-            self.times[name].append(time.perf_counter() - start)
+            reported = self.candidates[name]()
+            elapsed = time.perf_counter() - start
+            self.times[name].append(reported if isinstance(reported, float) else elapsed)
         self._round += 1
 
     def reset(self) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,14 +91,18 @@ def test_gpu_user_vs_ours(benchmark, bench_model, pages: int) -> None:
             return
 
         def step_of(config):
-            def step() -> None:
+            def step() -> float:
+                """One step of ``config``; switching configuration is left out of the time."""
                 device = runners[config.name].device
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
                 with configured(bench_model, config):
-                    runners[config.name].step()
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    start = time.perf_counter()
+                    runners[config.name].step()  # synchronises the device
+                    elapsed = time.perf_counter() - start
                 if device.type == "cuda":
                     peaks[config.name] = max(peaks.get(config.name, 0), torch.cuda.max_memory_allocated(device))
+                return elapsed
 
             return step
 

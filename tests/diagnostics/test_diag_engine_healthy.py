@@ -56,14 +56,22 @@ class TestHealthyModels:
 
 
 def _lora_model(reentrant: bool, inputs_require_grad: bool):
+    # peft 0.21 reads torch.distributed.tensor without importing it; transformers 5 happens to
+    # import it first, 4.x does not.
+    import torch.distributed.tensor  # noqa: F401
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(
         zoo.tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    if not inputs_require_grad:
-        model.base_model.model.disable_input_require_grads()
+    # Whether gradient checkpointing registers the input-require-grads hook differs between
+    # transformers versions (5.x always, 4.x only under PEFT): set the state explicitly.
+    llm = model.base_model.model
+    if inputs_require_grad:
+        llm.enable_input_require_grads()
+    elif getattr(llm, "_require_grads_hook", None) is not None:
+        llm.disable_input_require_grads()
     model.train()
     ids = torch.randint(0, zoo.VOCAB, (2, 8))
     return model, {"input_ids": ids, "labels": ids}

@@ -54,7 +54,9 @@ class TestRealLoads:
         findings = triage.findings(model)
         errors = [f for f in findings if f.severity == "error"]
         assert errors and errors[0].kind == "missing_params" and "score.weight" in errors[0].names
-        assert any(f.kind == "unexpected_keys" and f.severity == "info" for f in findings)
+        # The unused lm_head is reported at WARNING by transformers 5 and at INFO (not captured)
+        # by 4.x; when it is reported, it must be benign.
+        assert all(f.severity == "info" for f in findings if f.kind == "unexpected_keys")
 
     def test_missing_parameters_expected_to_train_are_info(self, tmp_path) -> None:
         zoo.tiny_llama().save_pretrained(tmp_path)

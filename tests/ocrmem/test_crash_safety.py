@@ -1,0 +1,133 @@
+"""Checkpoint saves survive SIGKILL mid-save, and write errors say which path failed."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from ocrmem import MEMModel
+from ocrmem.data import MemoryCollator, synthetic_memory_examples
+from ocrmem.training import PAUSE_ENV, PAUSE_MARKER, AdapterOnlyTrainer, publish_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+KILL_AT = 4  # the save of checkpoint-4 is killed; checkpoint-2 is complete by then
+
+
+def train_command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ocrmem.train", "--output-dir", str(out), "--num-examples", "16",
+            "--batch-size", "1", "--save-steps", "2", "--logging-steps", "1", *extra]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != PAUSE_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def test_sigkill_mid_save_leaves_the_previous_checkpoint_last_and_loadable(tmp_path):
+    out, log = tmp_path / "run", tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            train_command(out, "--max-steps", "6"), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+            env=subprocess_env(**{PAUSE_ENV: f"300:{KILL_AT}"}),
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while PAUSE_MARKER not in log.read_text(errors="replace"):
+                assert proc.poll() is None, f"training ended before the save of checkpoint-{KILL_AT}:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "the pause hook never fired"
+                time.sleep(0.2)
+            os.kill(proc.pid, signal.SIGKILL)  # in the middle of the save: weights written, optimizer not
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+    staged = out / f".checkpoint-{KILL_AT}.partial" / f"checkpoint-{KILL_AT}"
+    assert (staged / "model.safetensors").is_file() and not (staged / "optimizer.pt").exists()
+    assert not (out / f"checkpoint-{KILL_AT}").exists()
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-2")
+    MEMModel.from_pretrained(out / "checkpoint-2")  # complete and loadable (absolute model paths)
+
+    # The run resumes from it and the staging debris goes away with the next save.
+    done = subprocess.run(
+        train_command(out, "--max-steps", "6", "--resume-from-checkpoint", "last"),
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+def _trainer(model: MEMModel, out: Path) -> AdapterOnlyTrainer:
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=4, per_device_train_batch_size=1, save_steps=2, logging_steps=1,
+        report_to="none", remove_unused_columns=False, use_cpu=True, disable_tqdm=True,
+    )
+    return AdapterOnlyTrainer(
+        model=model, args=args, train_dataset=synthetic_memory_examples(4, seed=0),
+        data_collator=MemoryCollator.for_model(model),
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "words"),
+    [
+        (PermissionError(errno.EACCES, "Permission denied"), "Permission denied"),
+        (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    ],
+)
+def test_write_errors_name_the_checkpoint_and_keep_the_previous_one(tiny_model, tmp_path, monkeypatch, error, words):
+    original = MEMModel.save_pretrained
+    calls = []
+
+    def failing_save(self, save_directory, *args, **kwargs):
+        calls.append(save_directory)
+        if len(calls) == 2:  # checkpoint-2 saves fine, checkpoint-4 hits the error
+            raise type(error)(error.errno, error.strerror, str(Path(save_directory) / "model.safetensors"))
+        return original(self, save_directory, *args, **kwargs)
+
+    monkeypatch.setattr(MEMModel, "save_pretrained", failing_save)
+    with pytest.raises(type(error)) as raised:
+        _trainer(tiny_model, tmp_path).train()
+    message = str(raised.value)
+    assert raised.value.errno == error.errno
+    assert str(tmp_path / "checkpoint-4") in message and words in message and "df -h" in message
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]  # nothing partial left
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only directories")
+def test_read_only_output_dir_gives_a_clear_error(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    trainer = _trainer(tiny_model, out)
+    out.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match="could not save checkpoint") as raised:
+            trainer.train()
+    finally:
+        out.chmod(0o700)
+    assert str(out) in str(raised.value)
+
+
+def test_publish_replaces_an_existing_checkpoint(tmp_path):
+    staged = tmp_path / ".checkpoint-2.partial" / "checkpoint-2"
+    staged.mkdir(parents=True)
+    (staged / "new").write_text("new")
+    final = tmp_path / "checkpoint-2"
+    final.mkdir()
+    (final / "old").write_text("old")
+    publish_checkpoint(str(staged), str(final))
+    assert sorted(os.listdir(final)) == ["new"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]

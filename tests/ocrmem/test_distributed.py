@@ -1,0 +1,77 @@
+"""More than one process: torchrun + DDP on CPU (gloo), and a DeepSpeed config on GPUs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import gpu_test
+
+REPO = Path(__file__).resolve().parents[2]
+WORLD_SIZE = 2
+STEPS = 4
+
+
+def run_torchrun(out: Path, nproc: int, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"  # two ranks on a 2-core machine
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+        "-m", "ocrmem.train", "--output-dir", str(out), "--logging-steps", "1", "--save-rank-weights", *extra,
+    ]
+    # A hang (one rank waiting in an all-reduce the other never joins) fails by timeout.
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_torchrun_two_cpu_ranks_train_through_batches_without_history(tmp_path):
+    done = run_torchrun(
+        tmp_path, WORLD_SIZE, "--max-steps", str(STEPS), "--batch-size", "1", "--num-examples", "32",
+        "--empty-history-fraction", "0.5", "--save-steps", "2",
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "unused parameters" not in done.stderr and "find_unused_parameters" not in done.stderr
+
+    stats = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    assert all(s["world_size"] == WORLD_SIZE and s["micro_batches"] == STEPS for s in stats)
+    # Some step had memory on one rank and none on the other: the case that breaks naive DDP.
+    mixed = [i for i in range(STEPS) if stats[0]["memory_used"][i] != stats[1]["memory_used"][i]]
+    assert mixed, [s["memory_used"] for s in stats]
+
+    replicas = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD_SIZE)]
+    assert set(replicas[0]) == {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias"}
+    for name, value in replicas[0].items():
+        assert torch.equal(value, replicas[1][name]), name
+    final = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(final[name], value) for name, value in replicas[0].items())
+    assert (tmp_path / "checkpoint-4" / "rng_state_1.pth").is_file()  # every rank's part, published together
+
+
+@gpu_test()
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (pip install deepspeed)")
+def test_deepspeed_zero2_config_is_passed_through(tmp_path):
+    config = {
+        "zero_optimization": {"stage": 2},
+        "bf16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+    }
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    done = run_torchrun(
+        tmp_path / "out", 1, "--max-steps", "2", "--save-steps", "2", "--num-examples", "8",
+        "--deepspeed", str(tmp_path / "ds.json"), timeout=580,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    MEMModel = importlib.import_module("ocrmem").MEMModel
+    MEMModel.from_pretrained(tmp_path / "out")
