@@ -24,7 +24,7 @@ import torch
 from bench_helpers import SideBySide
 from throughput import CONFIGS, SMOKE, OURS, USER, configured, device_and_scale, first_fitting, measure
 
-pytestmark = pytest.mark.skipif(
+needs_gpu = pytest.mark.skipif(
     not (torch.cuda.is_available() or SMOKE),
     reason="needs a CUDA device (none visible); OCRMEM_BENCH_SMOKE=1 runs the same code on CPU at tiny scale",
 )
@@ -53,6 +53,7 @@ def _record_oom(benchmark, info: dict) -> None:
 
 
 @pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize(("config_name", "pages"), GRID, ids=[f"{c}-{p}pages" for c, p in GRID])
 def test_gpu_step(benchmark, bench_model, config_name: str, pages: int) -> None:
     _, scale = device_and_scale()
@@ -74,6 +75,7 @@ def test_gpu_step(benchmark, bench_model, config_name: str, pages: int) -> None:
 
 
 @pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("pages", PAIR_PAGES)
 def test_gpu_user_vs_ours(benchmark, bench_model, pages: int) -> None:
     """The user's configuration against ours at batch 1, alternating step by step."""

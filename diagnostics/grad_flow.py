@@ -54,6 +54,7 @@ causes reported (JSON field "cause"):
 examples:
   python -m diagnostics.grad_flow                      # the embedded tiny MEMModel
   python -m diagnostics.grad_flow runs/mem-ckpt --batches 8 --json report.json
+  python -m diagnostics.grad_flow runs/mem-ckpt --data train.jsonl --batches 50 --seed-path
   python -m diagnostics.grad_flow --factory my_check.py:build --expect-trainable proj \\
       --graph out/grad_flow.svg
   where my_check.py holds
@@ -98,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="floating dtype for the model")
     parser.add_argument("--batches", type=int, default=1, metavar="N",
                         help="diagnose N batches (the failure may depend on the batch); MODEL_DIR mode")
+    parser.add_argument("--data", metavar="FILE.jsonl",
+                        help="MODEL_DIR mode: build the batches from your own data (one JSON object per line: "
+                        "{'messages': [...]} chat, or {'history', 'prompt', 'response'}) instead of the synthetic task")
+    parser.add_argument("--batch-size", type=int, default=2, metavar="B", help="rows per batch in MODEL_DIR mode (default 2)")
+    parser.add_argument("--seed-path", action="store_true",
+                        help="MODEL_DIR mode: feed whole chats as input_ids only, as the original training code did; "
+                        "the model splits and renders history itself (batches whose history is short get no memory)")
     parser.add_argument("--user-root", action="append", default=[], metavar="DIR",
                         help="directory of your code (default: the working directory); findings point there")
     parser.add_argument("--no-lint", action="store_true", help="skip the static cross-check (diagnostics.lint)")
@@ -186,6 +194,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.model_dir and args.factory:
         print("grad_flow: give MODEL_DIR or --factory, not both", file=sys.stderr)
         return EXIT_CANNOT_RUN
+    if args.factory and (args.data or args.seed_path):
+        print("grad_flow: --data and --seed-path need MODEL_DIR (or no argument), not --factory", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    if args.batch_size < 1:
+        print(f"grad_flow: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
     if args.batches < 1:
         print(f"grad_flow: --batches must be >= 1, got {args.batches}", file=sys.stderr)
         return EXIT_CANNOT_RUN
@@ -217,7 +231,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             progress(f"loading {'the embedded tiny MEMModel' if not args.model_dir else args.model_dir}")
             model, batches, expect, load_findings = load_model_dir(
-                args.model_dir, device=args.device or "cpu", dtype=dtype, n_batches=args.batches
+                args.model_dir, device=args.device or "cpu", dtype=dtype, n_batches=args.batches,
+                batch_size=args.batch_size, data=args.data, seed_path=args.seed_path,
             )
             freeze_sites = dict(LAST_FREEZE_SITES)
     except CannotRunError as exc:

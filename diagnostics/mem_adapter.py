@@ -2,7 +2,7 @@
 
 The only module of :mod:`diagnostics` that imports :mod:`ocrmem`, and only the
 public API: ``ocrmem.tiny.write_tiny``, ``ocrmem.MEMModel.from_pretrained`` and
-``ocrmem.data.build_sample_batch``. Loading runs inside
+``ocrmem.data`` (collator, JSONL reader, seed-path batches). Loading runs inside
 :class:`~diagnostics.load_triage.LoadTriage` so the load-time warnings are
 classified, and inside :class:`~diagnostics.freeze.FreezeWatch` so a frozen ``proj``
 can be traced back to the line that froze it.
@@ -69,6 +69,8 @@ def load_model_dir(
     n_batches: int = 1,
     batch_size: int = 2,
     seed: int = 0,
+    data: Optional[str | Path] = None,
+    seed_path: bool = False,
 ) -> LoadedModel:
     """Load a MEMModel dir (or the embedded tiny model) and build sample batches.
 
@@ -79,6 +81,9 @@ def load_model_dir(
         n_batches: how many batches (seeds ``seed``, ``seed+1``...).
         batch_size: rows per batch.
         seed: first batch seed.
+        data: a JSONL file of the user's examples; batches are its first
+            ``n_batches * batch_size`` rows (fewer if the file is shorter).
+        seed_path: feed whole chats as ``input_ids`` only (the model splits history itself).
 
     Returns:
         ``(model, batches, expect_trainable, triage_findings)``.
@@ -108,10 +113,26 @@ def load_model_dir(
         model.to(dtype=dtype)
     model.train()
     expect = expect_trainable_for(model)
+    try:
+        if data is not None:
+            examples = ocrmem.data.load_jsonl_examples(data)
+        else:
+            examples = ocrmem.data.synthetic_memory_examples(max(1, n_batches) * batch_size, seed=seed)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CannotRunError(f"reading --data `{data}` failed: {exc}") from exc
+    if not examples:
+        raise CannotRunError(f"--data `{data}` holds no examples")
+    collate = (
+        (lambda rows: ocrmem.data.seed_path_batch(model.tokenizer, rows))
+        if seed_path
+        else ocrmem.data.MemoryCollator.for_model(model)
+    )
     batches = []
     for i in range(max(1, n_batches)):
-        batch = ocrmem.data.build_sample_batch(model, batch_size=batch_size, seed=seed + i)
-        batches.append(move_batch(batch, device, dtype))
+        rows = examples[i * batch_size : (i + 1) * batch_size]
+        if not rows:
+            break
+        batches.append(move_batch(collate(rows), device, dtype))
     return LoadedModel(model, batches, expect, triage.findings(model, expect))
 
 

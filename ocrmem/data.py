@@ -15,7 +15,9 @@ where the memory tokens are.
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -160,10 +162,55 @@ def synthetic_memory_examples(n: int, seed: int = 0, filler_turns: int = 6) -> l
     return examples
 
 
+def load_jsonl_examples(path: str | Path) -> list[dict[str, Any]]:
+    """Read training examples, one JSON object per line: ``{"messages": [...]}`` (the user's chat
+    format) or ``{"history", "prompt", "response"}``.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ConfigError: A line is not valid JSON or not an object; the message names the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg}); one JSON object per line.") from err
+        if not isinstance(example, dict):
+            raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(example).__name__}.")
+        examples.append(split_chat(example["messages"]) if "messages" in example else example)
+    return examples
+
+
+def seed_path_batch(tokenizer: Any, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """What the user's own training fed the model: the whole chat as ``input_ids`` (no pages),
+    ``labels = input_ids``, left-padded. The model splits and compresses history itself."""
+    rows = []
+    for example in examples:
+        text = example["history"] + format_turn("user", example["prompt"])
+        text += format_turn("assistant", example["response"])
+        rows.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return left_pad(rows, rows, pad_id)
+
+
 def build_sample_batch(model: Any, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     """A realistic fast-path batch for ``model``: rendered history pages + recent text with labels."""
     collator = MemoryCollator.for_model(model)
     return collator(synthetic_memory_examples(batch_size, seed=seed))
 
 
-__all__ = ["MemoryCollator", "build_sample_batch", "format_turn", "split_chat", "synthetic_memory_examples"]
+__all__ = [
+    "MemoryCollator",
+    "build_sample_batch",
+    "format_turn",
+    "load_jsonl_examples",
+    "seed_path_batch",
+    "split_chat",
+    "synthetic_memory_examples",
+]
