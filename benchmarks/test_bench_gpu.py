@@ -115,7 +115,8 @@ def test_gpu_user_vs_ours(benchmark, bench_model, pages: int) -> None:
         benchmark.pedantic(steps.round, rounds=scale.timed_steps, iterations=1)
         info = {"pages_per_row": pages, "batch_size": 1, **steps.summary()}
         for name, runner in runners.items():
-            result = measure(runner, steps.times[name])
+            with configured(bench_model, CONFIGS[name]):
+                result = measure(runner, steps.times[name])
             if name in peaks:
                 result["peak_memory_gib"] = peaks[name] / 2**30
             info[name] = result

@@ -35,7 +35,8 @@ INSTALL_HINT = "install graphviz to render it (Debian/Ubuntu: `apt-get install g
 
 
 def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # graphviz: backslash and quote escaped; a real newline becomes graphviz's centred line break.
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def node_colour(state: ModuleState) -> tuple[str, str]:
@@ -67,10 +68,10 @@ def module_dot(report: Report) -> str:
     for state in report.modules:
         colour, label = node_colour(state)
         params = f"{state.trainable:,} / {state.total:,} trainable"
-        text = _quote(state.name + "\\n" + label + "\\n" + params)
+        text = _quote(f"{state.name}\n{label}\n{params}")
         lines.append(f"  {_quote(state.name)} [label={text}, fillcolor={_quote(colour)}];")
     loss_colour = RED if not report.loss.requires_grad else "white"
-    loss_label = f"loss\\ngrad_fn={report.loss.grad_fn}"
+    loss_label = f"loss\ngrad_fn={report.loss.grad_fn}"
     lines.append(f'  "loss" [shape=ellipse, label={_quote(loss_label)}, fillcolor={_quote(loss_colour)}];')
     for edge in report.edges:
         style = "solid" if edge.autograd else "dashed"
@@ -83,6 +84,8 @@ def module_dot(report: Report) -> str:
         f'    "legend_untracked" [label="frozen, untracked", fillcolor={_quote(GREY)}];',
         f'    "legend_wasted" [label="tracked for nothing", fillcolor={_quote(ORANGE)}];',
         f'    "legend_broken" [label="broken", fillcolor={_quote(RED)}];',
+        # invisible chain: in a left-to-right layout the legend becomes one row, not a tall column
+        '    "legend_trainable" -> "legend_carries" -> "legend_untracked" -> "legend_wasted" -> "legend_broken" [style=invis];',
         "  }",
         "}",
     ]
