@@ -369,7 +369,7 @@ def build_markdown(cpu: dict[str, Any] | None, gpu: dict[str, Any] | None, run_i
         if cpu_files.get("test_bench_memory"):
             text, bars = memory_section(cpu_files["test_bench_memory"])
             lines += ["## Bytes saved for backward, tiny preset (`test_bench_memory.py`)", "",
-                      "Deterministic: `saved_tensors_hooks` during one forward of a 4-row, 4-page fast-path batch.",
+                      "Deterministic: `saved_tensors_hooks` during one forward of a 4-row fast-path batch (one page per row).",
                       "*activations (sum)* counts every packed tensor, *unique* counts a tensor saved by several ops",
                       "once. With non-reentrant checkpointing the tensors saved inside a checkpointed layer go to the",
                       "checkpoint's own hooks and are recomputed in backward (not held, not counted); the layer inputs",
