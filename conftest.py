@@ -1,7 +1,7 @@
 """Shared pytest setup: markers, the hypothesis profiles, seeding, and the tiny-preset fixtures.
 
-Markers are declared in pyproject.toml (``--strict-markers``): ``gpu`` needs CUDA and skips
-without it; ``slow`` is left out of the default run (``pytest -m slow`` runs them).
+Markers are registered here (pyproject.toml turns on ``--strict-markers``): ``gpu`` needs CUDA
+and skips without it; ``slow`` is left out of the default run (``pytest -m slow`` runs them).
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ except ImportError:  # hypothesis is a dev extra
     pass
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (run with `pytest -m gpu`); skips with a reason without one")
+    config.addinivalue_line("markers", "slow: slower than a few seconds; left out of the default run (`pytest -m slow`)")
 
 
 @pytest.fixture(autouse=True)

@@ -16,8 +16,9 @@ not enough. This callback does one thorough check and several cheap ones:
   micro-batch used memory and had a non-zero loss. Its norm (before clipping; rank-local under
   DDP) is logged as ``proj_grad_norm`` at every logging step, so it lands in
   ``trainer_state.json``'s ``log_history`` and in the reporters (wandb).
-* **plateau** — warns (:class:`LossPlateauWarning`) when the per-step loss has not improved on its
-  best by more than ``min_delta`` for ``patience`` steps.
+* **plateau** — warns (:class:`LossPlateauWarning`) when the mean loss over a window of
+  ``patience`` steps is not below the best earlier window's by ``min_delta`` and by twice its
+  standard error (windows, because per-batch losses are noisy; the warning is rate-limited).
 
 How it stops: it sets ``control.should_training_stop`` and raises :class:`TrainingStopped` from
 inside the step — *before* the optimizer applies the bad update, so neither a NaN nor a silent
@@ -91,7 +92,10 @@ class GradFlowCallback(TrainerCallback):
         expect_trainable: What the first-batch diagnosis expects to be trainable (default ``watch``).
         diagnose_first_batch: Run :func:`diagnostics.diagnose` on the first batch (costs one extra
             forward + backward once).
-        patience: Steps without improvement before a :class:`LossPlateauWarning`; 0 disables it.
+        patience: Window length in steps: when the mean loss of a window is not below the best
+            earlier window's by ``min_delta`` (and by twice the window's standard error), a
+            :class:`LossPlateauWarning` is issued (after the 1st, 2nd, 4th, 8th... such window of
+            the run); 0 disables it.
         min_delta: The improvement (absolute, in loss units) that counts as movement.
         log_name: Key of the gradient norm in the logs (default ``"<watch[0]>_grad_norm"``).
 
@@ -112,7 +116,7 @@ class GradFlowCallback(TrainerCallback):
         expect_trainable: Sequence[str] | None = None,
         diagnose_first_batch: bool = True,
         patience: int = 50,
-        min_delta: float = 1e-4,
+        min_delta: float = 1e-3,
         log_name: str | None = None,
     ) -> None:
         if isinstance(watch, str):
@@ -146,8 +150,10 @@ class GradFlowCallback(TrainerCallback):
         self._step_losses: list[float] = []
         self._step_memory: list[bool] = []
         self._grad_sq: dict[str, torch.Tensor] = {}
-        self._best: float | None = None
-        self._since_best = 0
+        self._window: list[float] = []
+        self._best: float | None = None  # best window mean so far
+        self._stalled = 0  # windows without progress in a row
+        self._stalled_total = 0  # ... in the whole run (rate-limits the warning)
         self.stats = {"micro_batches": 0, "empty_memory_batches": 0, "memory_used": [], "step_losses": []}
 
     # ------------------------------------------------------------------ events
@@ -314,20 +320,34 @@ class GradFlowCallback(TrainerCallback):
             )
 
     def _check_plateau(self, loss: float) -> None:
-        if self._best is None or loss < self._best - self.min_delta:
-            self._best, self._since_best = loss, 0
+        # Per-step losses of different batches are noisy: compare means over windows of `patience`
+        # steps, and count a window as progress only when it beats the best earlier window by more
+        # than min_delta and twice its own standard error (a lucky batch is not progress).
+        if not self.patience:
             return
-        self._since_best += 1
-        if self.patience and self._since_best >= self.patience:
-            message = (
-                f"the training loss has not improved by more than {self.min_delta:g} for "
-                f"{self._since_best} steps (best {self._best:.6g}, now {loss:.6g}, step "
-                f"{self._global_step}): check that {list(self.watch)} trains (proj_grad_norm, "
-                "empty_memory_batches) and the learning rate."
-            )
-            logger.warning(message)
-            warnings.warn(message, LossPlateauWarning, stacklevel=2)
-            self._since_best = 0
+        self._window.append(loss)
+        if len(self._window) < self.patience:
+            return
+        window, self._window = self._window, []
+        mean = sum(window) / len(window)
+        stderr = math.sqrt(sum((x - mean) ** 2 for x in window) / len(window) / len(window))
+        if self._best is None or mean < self._best - max(self.min_delta, 2.0 * stderr):
+            self._best, self._stalled = mean, 0
+            return
+        self._stalled += 1
+        self._stalled_total += 1
+        # Warn after 1, 2, 4, 8... stalled windows in the whole run: a long, slowly creeping run
+        # logs a handful of warnings, not one per window.
+        if self._stalled_total & (self._stalled_total - 1):
+            return
+        message = (
+            f"the training loss has not moved for {self._stalled * self.patience} steps: its mean over "
+            f"the last {self.patience} steps is {mean:.6g} (± {stderr:.2g}), the best earlier window's "
+            f"{self._best:.6g} (step {self._global_step}). Check that {list(self.watch)} trains "
+            "(proj_grad_norm, empty_memory_batches) and the learning rate."
+        )
+        logger.warning(message)
+        warnings.warn(message, LossPlateauWarning, stacklevel=2)
 
     def _diagnose_first_batch(self, batch: Any) -> None:
         report = self._run_diagnosis(batch)

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps; 0 = only the final adapter (default 50)")
     log.add_argument("--save-total-limit", type=int, default=3, help="keep the newest N checkpoints (default 3)")
     log.add_argument("--logging-steps", type=int, default=10, help="log loss and proj_grad_norm every N steps (default 10)")
-    log.add_argument("--patience", type=int, default=50, help="warn when the loss has not improved for N steps; 0 = never (default 50)")
+    log.add_argument("--patience", type=int, default=50, help="warn when the mean loss over N-step windows stops improving; 0 = never (default 50)")
     log.add_argument("--report-to", choices=("none", "wandb"), default="none", help="experiment tracker (default none)")
     log.add_argument("--save-rank-weights", action="store_true",
                      help="every process also writes its proj to OUTPUT_DIR/rank{R}.safetensors and its batch stats to rank{R}.json (to check DDP replicas)")
@@ -359,7 +359,7 @@ def run(opts: argparse.Namespace) -> int:
         save_rank_weights(trainer, model, callback, output_dir)
     if main_process:
         weights = output_dir / "model.safetensors"
-        checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*"))
+        checkpoints = sorted((p.name for p in output_dir.glob("checkpoint-*")), key=lambda n: int(n.rsplit("-", 1)[-1]))
         print(
             f"trained {trainer.state.global_step} steps in {elapsed:.0f} s on {args.device} "
             f"(world size {args.world_size}): loss {summary['first_loss']} -> {summary['last_loss']}\n"

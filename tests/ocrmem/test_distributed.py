@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +22,25 @@ STEPS = 4
 
 
 def run_torchrun(out: Path, nproc: int, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``torchrun --standalone`` (a free port) in its own process group, killed whole on timeout."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"  # two ranks on a 2-core machine
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
         "-m", "ocrmem.train", "--output-dir", str(out), "--logging-steps", "1", "--save-rank-weights", *extra,
     ]
-    # A hang (one rank waiting in an all-reduce the other never joins) fails by timeout.
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # A hang (one rank waiting in an all-reduce the other never joins): kill torchrun and its ranks.
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{stderr[-4000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def test_torchrun_two_cpu_ranks_train_through_batches_without_history(tmp_path):

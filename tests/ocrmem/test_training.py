@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ocrmem import MEMModel
 from ocrmem.callbacks import GradFlowCallback, LossPlateauWarning, TrainingStopped
@@ -257,8 +257,17 @@ class TestGradFlowCallback:
             tiny_model, tmp_path, examples=same_row, callbacks=[callback],
             learning_rate=1e-12, save_strategy="no",
         )
-        with pytest.warns(LossPlateauWarning, match="has not improved"):
+        with pytest.warns(LossPlateauWarning, match="has not moved for 2 steps"):
             trainer.train()
+
+    def test_works_with_a_plain_trainer_too(self, tiny_model, tmp_path):
+        trainer = Trainer(
+            model=tiny_model, args=make_args(tmp_path, max_steps=2, save_strategy="no"),
+            train_dataset=synthetic_memory_examples(4, seed=0), data_collator=MemoryCollator.for_model(tiny_model),
+            callbacks=[GradFlowCallback()],
+        )
+        trainer.train()
+        assert all(h["proj_grad_norm"] > 0 for h in trainer.state.log_history if "loss" in h)
 
     def test_bad_arguments_raise(self):
         with pytest.raises(ValueError, match="watch"):
