@@ -133,6 +133,9 @@ def _atomic_write(path: Path, write: Any) -> None:
     """Write through a temporary file in the same directory, then rename over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint should read like any other file
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
@@ -492,9 +495,10 @@ class MEMModel(PreTrainedModel):
             return
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        trainable = set(self.trainable_state_dict())
-        weights = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.trainable_state_dict()).items()}
-        weights = {k: v for k, v in weights.items() if k in trainable}
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        # Filter before copying: DeepSpeed/FSDP pass the full state dict (an 8B LLM) on every save.
+        source = state_dict if state_dict is not None else dict(self.named_parameters())
+        weights = {k: v.detach().cpu().contiguous() for k, v in source.items() if k in trainable}
         _atomic_write(out / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
         config_text = self.config.to_json_string(use_diff=False)
         _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(config_text, encoding="utf-8"))

@@ -321,7 +321,7 @@ def run(opts: argparse.Namespace) -> int:
 
     from transformers import set_seed
 
-    from .callbacks import GradFlowCallback, TrainingStopped
+    from .callbacks import GradFlowCallback
     from .data import MemoryCollator
     from .training import AdapterOnlyTrainer
 
@@ -346,6 +346,19 @@ def run(opts: argparse.Namespace) -> int:
         data_collator=MemoryCollator.for_model(model),
         callbacks=[callback],
     )
+    try:
+        return train_and_report(trainer, model, callback, opts, output_dir, resume)
+    finally:
+        shutdown_distributed()
+
+
+def train_and_report(trainer: Any, model: Any, callback: Any, opts: argparse.Namespace, output_dir: Path,
+                     resume: str | None) -> int:
+    """Train, write the outputs, print the summary; the exit status."""
+    from .callbacks import TrainingStopped
+
+    args = trainer.args
+    main_process = args.process_index == 0
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume)
@@ -370,6 +383,15 @@ def run(opts: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return EXIT_OK
+
+
+def shutdown_distributed() -> None:
+    """Tear the process group down before exit: a gloo group left to the interpreter's exit can
+    abort the process ("terminate called without an active exception") after a good run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,10 @@ What it changes in :class:`transformers.Trainer`, and why:
   full / permission error is re-raised as the same :class:`OSError` class with a message naming
   the checkpoint and the directory.
 
+Not covered yet: under DeepSpeed, HF also writes DeepSpeed's own ``global_stepN/`` state, which
+holds the frozen weights too unless ``exclude_frozen_parameters`` is used (HF does that only for
+PEFT models); resuming there goes through DeepSpeed's loader, not :meth:`_load_from_checkpoint`.
+
 Test hook: ``OCRMEM_TEST_PAUSE_IN_SAVE=SECONDS[:STEP]`` makes a checkpoint save (only the one of
 global step ``STEP`` when given) sleep ``SECONDS`` after the weights are written and before the
 optimizer state is, printing a line starting with :data:`PAUSE_MARKER` to stderr first — so a

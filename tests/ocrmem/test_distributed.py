@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import gpu_test
+from ocrmem import MEMModel
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD_SIZE = 2
@@ -84,5 +85,4 @@ def test_deepspeed_zero2_config_is_passed_through(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert (tmp_path / "out" / "model.safetensors").is_file()
-    MEMModel = importlib.import_module("ocrmem").MEMModel
     MEMModel.from_pretrained(tmp_path / "out")

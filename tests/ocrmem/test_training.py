@@ -51,11 +51,12 @@ def make_args(out: Path, **overrides) -> TrainingArguments:
     return TrainingArguments(**kwargs)
 
 
-def make_trainer(model: MEMModel, out: Path, examples=None, callbacks=None, **overrides) -> AdapterOnlyTrainer:
+def make_trainer(model: MEMModel, out: Path, examples=None, callbacks=None, eval_dataset=None, **overrides) -> AdapterOnlyTrainer:
     return AdapterOnlyTrainer(
         model=model,
         args=make_args(out, **overrides),
         train_dataset=examples if examples is not None else synthetic_memory_examples(16, seed=0),
+        eval_dataset=eval_dataset,
         data_collator=MemoryCollator.for_model(model),
         callbacks=callbacks,
     )
@@ -154,6 +155,21 @@ class TestAdapterOnlyTrainer:
         final = load_file(str(trained["out"] / f"checkpoint-{RUN_STEPS}" / "model.safetensors"))
         for name, value in model.trainable_state_dict().items():
             torch.testing.assert_close(value, final[name], rtol=0, atol=1e-6)
+
+    def test_best_model_checkpoint_points_at_the_published_dir(self, tiny_model, tmp_path):
+        trainer = make_trainer(
+            tiny_model, tmp_path, eval_dataset=synthetic_memory_examples(2, seed=1), eval_strategy="steps",
+            eval_steps=SAVE_STEPS, metric_for_best_model="loss", load_best_model_at_end=True,
+            prediction_loss_only=True,
+        )
+        trainer.train()
+        best = Path(trainer.state.best_model_checkpoint)
+        assert best.parent == tmp_path and best.name.startswith("checkpoint-") and best.is_dir()
+        saved = json.loads((best / "trainer_state.json").read_text())
+        assert Path(saved["best_model_checkpoint"]) == best
+        weights = load_file(str(best / "model.safetensors"))  # load_best_model_at_end loaded these
+        for name, value in tiny_model.trainable_state_dict().items():
+            assert torch.equal(value, weights[name])
 
     def test_load_best_model_loads_the_adapter_file(self, tiny_model, trained):
         checkpoint = trained["out"] / f"checkpoint-{RUN_STEPS}"
