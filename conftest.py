@@ -16,17 +16,18 @@ import torch
 try:
     from hypothesis import HealthCheck, settings
 
-    # Tiny models still take ~0.1-1 s per example: no deadline, few examples by default.
+    # A tiny-model step takes 6-250 ms: no deadline; 40 examples by default (~10 s), 300 under
+    # HYPOTHESIS_PROFILE=slow.
     settings.register_profile(
         "default",
-        max_examples=12,
+        max_examples=40,
         deadline=None,
         derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
     )
     settings.register_profile(
         "slow",
-        max_examples=60,
+        max_examples=300,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
     )

@@ -138,21 +138,29 @@ def test_grad_flow_law(law_model: MEMModel, draw: Draw) -> None:
         # -- merged layout -----------------------------------------------------------------------
         T = model.tokens_per_page
         lengths = out.attention_mask.sum(dim=1).tolist()
-        n_mem = (out.labels == IGNORE_INDEX) & out.attention_mask.bool()
+        assert out.logits.shape[1] == out.attention_mask.shape[1] == max(lengths)
+        assert (out.attention_mask[:, -1] == 1).all()  # left padding: every row ends at the last column
         if draw.seed_path:
-            assert (n_pages > 0) == any(draw.pages)
+            marker_len = len(model.tokenizer(model.config.assistant_marker, add_special_tokens=False)["input_ids"])
+            pages_seen = 0
             for row, (pages, recent) in enumerate(zip(draw.pages, draw.recent)):
-                if not pages:
-                    assert lengths[row] == expected[row]
+                row_labels = out.labels[row][out.attention_mask[row].bool()].tolist()
+                original = batch["labels"][row][batch["attention_mask"][row].bool()].tolist()
+                if pages:  # compressed: memory tokens (labels masked) + marker + answer, history labels gone
+                    n_mem = len(row_labels) - marker_len - recent
+                    assert n_mem > 0 and n_mem % T == 0
+                    assert row_labels[:n_mem] == [IGNORE_INDEX] * n_mem
+                    assert row_labels[n_mem:] == original[-(marker_len + recent):]
+                    pages_seen += n_mem // T
+                else:  # short history: the row is untouched
+                    assert lengths[row] == expected[row] and row_labels == original
+            assert pages_seen == n_pages and (n_pages > 0) == any(draw.pages)
         else:
             assert n_pages == sum(draw.pages)
             assert lengths == expected
             memory = batch["input_ids"] == model.memory_token_id
             assert memory.sum().item() == n_pages * T
-        assert out.logits.shape[1] == out.attention_mask.shape[1] == max(lengths)
-        mem_rows = (out.labels != IGNORE_INDEX).sum(dim=1).tolist()
-        assert mem_rows == list(draw.recent) or draw.seed_path  # only answers are labelled (fast path)
-        assert bool(n_mem.any())
+            assert (out.labels != IGNORE_INDEX).sum(dim=1).tolist() == list(draw.recent)  # only answers
         out.loss.backward()
         # -- gradients -----------------------------------------------------------------------------
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
