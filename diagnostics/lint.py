@@ -282,12 +282,24 @@ def lint_tree(tree: ast.Module, filename: str) -> list[LintFinding]:
                         methods.setdefault(k, v)
         return methods
 
+    plain_bases = {"Module", "nn.Module", "torch.nn.Module", "object"}
     for cls in classes:
         methods = resolve(cls)
-        if "forward" not in methods:
+        roots = [methods["forward"]] if "forward" in methods else []
+        # A subclass of a model defined elsewhere (class Mine(MEMModel)) may override methods the
+        # inherited forward calls: every method it defines is a root.
+        inherits_forward = "forward" not in methods and any(
+            (dotted_name(b) or "") not in plain_bases and dotted_name(b) not in by_name for b in cls.bases
+        )
+        if inherits_forward:
+            roots += [
+                (cls.name, m) for m in cls.body
+                if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and m.name != "forward"
+                and not m.name.startswith("__")
+            ]
+        if not roots:
             continue
-        owner, forward = methods["forward"]
-        queue: list[tuple[str, ast.AST, Optional[str]]] = [(f"{owner}.forward", forward, owner)]
+        queue: list[tuple[str, ast.AST, Optional[str]]] = [(f"{owner}.{func.name}", func, owner) for owner, func in roots]
         visited: set[int] = set()
         while queue:
             qualname, func, class_name = queue.pop()

@@ -82,3 +82,24 @@ class TestLintCli:
         )
         assert result.returncode == 1 and ": warning: " in result.stdout
         assert "RuntimeWarning" not in result.stderr
+
+
+def test_subclass_inheriting_forward_from_another_file_is_scanned(tmp_path) -> None:
+    # class Mine(ModelFromElsewhere) overrides a method the inherited forward calls.
+    source = tmp_path / "mine.py"
+    source.write_text(
+        "import torch\n"
+        "from ocrmem import MEMModel\n\n"
+        "class Mine(MEMModel):\n"
+        "    def embed_pages(self, pixel_values):\n"
+        "        with torch.no_grad():\n"
+        "            return self.proj(self.ocr_embed(pixel_values))\n"
+    )
+    found = [f for f in lint_file(source) if f.kind == "grad_disabled"]
+    assert [(f.line, f.severity) for f in found] == [(6, "warning")] and "self.proj" in found[0].message
+
+
+def test_own_model_code_has_no_warnings() -> None:
+    root = Path(__file__).resolve().parents[2]
+    warnings = [f for f in lint_file(root / "ocrmem" / "modeling.py") if f.severity != "info"]
+    assert warnings == []
