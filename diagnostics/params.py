@@ -74,11 +74,7 @@ class ParameterTable:
 
     def summary_line(self) -> str:
         """The user's one-line format, thousands separators and 4 decimals."""
-        percent = 100.0 * self.trainable / self.total if self.total else 0.0
-        return (
-            f"trainable params: {self.trainable:,} || all params: {self.total:,} "
-            f"|| trainable%: {percent:.4f}%"
-        )
+        return summary_line(self.trainable, self.total)
 
     def breakdown_lines(self) -> list[str]:
         """``  proj trainable params: N`` lines; ``(should be 0)`` on frozen-by-design modules."""
@@ -102,6 +98,12 @@ class ParameterTable:
             "line": self.summary_line(),
             "tree": self.tree.to_json(),
         }
+
+
+def summary_line(trainable: int, total: int) -> str:
+    """``trainable params: N || all params: M || trainable%: P%`` — the user's own format."""
+    percent = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}%"
 
 
 def report_level_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -298,4 +300,5 @@ __all__ = [
     "matches",
     "parameter_table",
     "report_level_modules",
+    "summary_line",
 ]

@@ -575,10 +575,11 @@ class MEMModel(PreTrainedModel):
 
 def format_parameter_report(counts: dict[str, tuple[int, int]]) -> str:
     """``trainable params: N || all params: M || trainable%: P%`` plus a per-module breakdown."""
+    from diagnostics.params import summary_line
+
     trainable = sum(t for t, _ in counts.values())
     total = sum(n for _, n in counts.values())
-    pct = 100.0 * trainable / total if total else 0.0
-    lines = [f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}%", "Detailed breakdown:"]
+    lines = [summary_line(trainable, total), "Detailed breakdown:"]
     expect_zero = {"base_llm": "base_llm_model", "ocr_embed": "ocr_embed"}
     for name, (t, _) in counts.items():
         if name in expect_zero:
