@@ -390,7 +390,7 @@ def build_markdown(cpu: dict[str, Any] | None, gpu: dict[str, Any] | None, run_i
                         + ("meets" if b["extra_info"]["ratio_diagnosis_vs_plain_step"] <= DIAGNOSTICS_TARGET else "misses")
                         + f" the ≤ {DIAGNOSTICS_TARGET:g}× target" for b in diag if "ratio_diagnosis_vs_plain_step" in b["extra_info"]]
             lines += ["Full `grad_flow` diagnosis vs a plain forward + backward of the same model and batch, same",
-                      "process (written by another engineer; numbers as saved).", "", text, "", *verdicts, ""]
+                      "process, interleaved round by round (tiny preset, fast-path batch of 2).", "", text, "", *verdicts, ""]
         else:
             lines += ["Not in this run (`benchmarks/test_bench_diagnostics.py` was not present).", ""]
         for stem, benches in sorted(others.items()):
