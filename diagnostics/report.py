@@ -346,11 +346,6 @@ def merge_reports(reports: Sequence[Report]) -> Report:
     return merged
 
 
-def describe_bytes(n: int) -> str:
-    """Re-exported formatter for messages."""
-    return format_bytes(n)
-
-
 __all__ = [
     "Edge",
     "LossInfo",
