@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence
 
-from .causes import ERROR, INFO, WARNING, Finding, format_bytes, severity_rank
+from .causes import ERROR, INFO, WARNING, Finding, severity_rank
 from .params import ParameterTable
 
 SCHEMA_VERSION = 1
