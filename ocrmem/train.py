@@ -112,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--fp16", action="store_true", help="fp16 mixed precision through the Trainer (needs a CUDA GPU)")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--train-data", metavar="FILE.jsonl",
+    data.add_argument("--train-data", metavar="FILE.jsonl", nargs="+",
                       help='your chats, one JSON object per line: {"messages": [{"role", "content"}]} or ShareGPT\'s '
                            '{"conversations": [{"from", "value"}]}; every assistant turn is one sample (default: the synthetic task)')
-    data.add_argument("--eval-data", metavar="FILE.jsonl", help="chats to evaluate on (default: --eval-fraction of --train-data's rows)")
+    data.add_argument("--eval-data", metavar="FILE.jsonl", nargs="+", help="chats to evaluate on (default: --eval-fraction of --train-data's rows)")
     data.add_argument("--eval-fraction", type=float, default=0.05, metavar="F",
                       help="without --eval-data, hold out this fraction of --train-data's rows for evaluation; 0 = no evaluation (default 0.05)")
     data.add_argument("--skip-bad-lines", action="store_true", help="skip lines that cannot be trained on (and say how many, which) instead of stopping")
@@ -161,9 +161,10 @@ def validate(opts: argparse.Namespace) -> None:
         raise UsageError(f"--eval-batch-size must be at least 2 (memory is shuffled between rows), got {opts.eval_batch_size}.")
     if not 0.0 <= opts.eval_fraction < 1.0:
         raise UsageError(f"--eval-fraction must be within [0, 1), got {opts.eval_fraction}.")
-    for flag, value in {"--train-data": opts.train_data, "--eval-data": opts.eval_data, "--font": opts.font}.items():
-        if value is not None and not Path(value).is_file():
-            raise UsageError(f"{flag} {value}: no such file.")
+    for flag, values in {"--train-data": opts.train_data, "--eval-data": opts.eval_data, "--font": [opts.font] if opts.font else None}.items():
+        for value in values or []:
+            if not Path(value).is_file():
+                raise UsageError(f"{flag} {value}: no such file.")
     if opts.eval_data is not None and opts.train_data is None:
         raise UsageError("--eval-data needs --train-data (the synthetic task makes its own eval examples).")
     if opts.fp16:
@@ -277,25 +278,26 @@ def build_chat_data(opts: argparse.Namespace, model: Any, output_dir: Path,
     from .errors import ChatDataError
 
     try:
-        train_file = read_chats(opts.train_data, skip_bad_lines=opts.skip_bad_lines)
-        eval_file = read_chats(opts.eval_data, skip_bad_lines=opts.skip_bad_lines) if opts.eval_data else None
+        train_files = [read_chats(path, skip_bad_lines=opts.skip_bad_lines) for path in opts.train_data]
+        eval_files = [read_chats(path, skip_bad_lines=opts.skip_bad_lines) for path in opts.eval_data or []]
     except ChatDataError as err:
         raise UsageError(f"{err} (--skip-bad-lines leaves such lines out)" if not opts.skip_bad_lines else str(err)) from err
-    for chat_file in (train_file, eval_file):
-        if chat_file is not None and chat_file.skipped and main_process:
+    for chat_file in train_files + eval_files:
+        if chat_file.skipped and main_process:
             print(chat_file.skipped_message(), file=sys.stderr)
-    if eval_file is not None:
-        train_chats, eval_chats = train_file.chats, eval_file.chats
+    train_chats = [chat for f in train_files for chat in f.chats]
+    if eval_files:
+        eval_chats = [chat for f in eval_files for chat in f.chats]
     else:
-        train_chats, eval_chats = split_rows(train_file.chats, opts.eval_fraction, opts.seed)
+        train_chats, eval_chats = split_rows(train_chats, opts.eval_fraction, opts.seed)
     collator = ChatCollator.for_model(model)
     common = dict(max_pages=model.config.max_pages, tokens_per_page=model.tokens_per_page,
                   max_positions=getattr(model.base_llm.config, "max_position_embeddings", None))
-    summary: dict[str, Any] = {"version": 1, "train": summarize([train_file], train_chats, collator.tokens, collator.renderer, **common)}
+    summary: dict[str, Any] = {"version": 1, "train": summarize(train_files, train_chats, collator.tokens, collator.renderer, **common)}
     if eval_chats:
-        summary["eval"] = summarize([eval_file] if eval_file else [], eval_chats, collator.tokens, collator.renderer, **common)
-        if eval_file is None:
-            summary["eval"]["held_out_from"] = str(train_file.path)
+        summary["eval"] = summarize(eval_files, eval_chats, collator.tokens, collator.renderer, **common)
+        if not eval_files:
+            summary["eval"]["held_out_from"] = [str(f.path) for f in train_files]
     if main_process:
         for name in ("train", "eval"):
             if name in summary:
@@ -314,7 +316,7 @@ def build_chat_data(opts: argparse.Namespace, model: Any, output_dir: Path,
         )
     samples = chat_samples(train_chats)
     if not samples:
-        raise UsageError(f"--train-data {opts.train_data}: no assistant turn left to train on.")
+        raise UsageError(f"--train-data {' '.join(opts.train_data)}: no assistant turn left to train on.")
     return samples, chat_samples(eval_chats), collator
 
 
