@@ -70,7 +70,7 @@ class TestLintCli:
         clean = tmp_path / "clean.py"
         clean.write_text("import torch\nclass M(torch.nn.Module):\n    def forward(self, x):\n        return x * 2\n")
         assert main([str(clean), "--json"]) == 0
-        assert json.loads(capsys.readouterr().out) == {"version": 1, "findings": []}
+        assert json.loads(capsys.readouterr().out) == {"version": 2, "findings": [], "errors": [], "skipped": []}
 
     def test_missing_path_exit_2(self, tmp_path) -> None:
         assert main([str(tmp_path / "nope.py")]) == 2
