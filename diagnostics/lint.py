@@ -176,7 +176,9 @@ class _FunctionLinter:
             if effect[0] == "off":
                 state = _Disabler(decorator, decorator, effect[1], "decorator")
                 self.disablers.append(state)
-            else:  # @torch.enable_grad() (applied after an outer no_grad decorator, it wins)
+            else:  # @enable_grad() below @no_grad() runs inside it: the no_grad decides nothing
+                if state is not None:
+                    self.disablers.remove(state)
                 state = None
         self._walk(list(getattr(self.func, "body", [])), state)
         for disabler in self.disablers:
