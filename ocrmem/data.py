@@ -46,13 +46,13 @@ def split_chat(messages: list[dict[str, str]], where: str = "`messages`") -> dic
     """
     if not isinstance(messages, (list, tuple)):
         raise InputTypeError(
-            f"{where} is a {type(messages).__name__} ({_short(messages)}); it must be a list of turns "
+            f"{where} has type {type(messages).__name__} ({_short(messages)}); it must be a list of turns "
             '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...].'
         )
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise InputTypeError(
-                f"{where}[{i}] is a {type(message).__name__} ({_short(message)}); each turn must be a dict "
+                f"{where}[{i}] has type {type(message).__name__} ({_short(message)}); each turn must be a dict "
                 '{"role": ..., "content": ...}.'
             )
         for key in ("role", "content"):
@@ -60,7 +60,7 @@ def split_chat(messages: list[dict[str, str]], where: str = "`messages`") -> dic
                 raise InputError(f"{where}[{i}] has no `{key}` (keys: {sorted(message)}); each turn needs `role` and `content`.")
             if not isinstance(message[key], str):
                 raise InputTypeError(
-                    f"{where}[{i}][{key!r}] is a {type(message[key]).__name__} ({_short(message[key])}); it must be a str."
+                    f"{where}[{i}][{key!r}] has type {type(message[key]).__name__} ({_short(message[key])}); it must be a str."
                 )
     if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
         roles = [m["role"] for m in messages]
@@ -93,7 +93,7 @@ def check_example(example: Any, where: str, memory_token: str | None = None) -> 
     """
     if not isinstance(example, dict):
         raise InputTypeError(
-            f"{where} is a {type(example).__name__} ({_short(example)}); an example is a dict with `history`, "
+            f"{where} has type {type(example).__name__} ({_short(example)}); an example is a dict with `history`, "
             "`prompt`, `response` (or `messages` in chat format)."
         )
     if "messages" in example:
@@ -108,7 +108,7 @@ def check_example(example: Any, where: str, memory_token: str | None = None) -> 
         if not isinstance(example[key], str):
             fix = " Use '' for no history." if key == "history" else ""
             raise InputTypeError(
-                f"{where}: `{key}` is a {type(example[key]).__name__} ({_short(example[key])}); it must be a str.{fix}"
+                f"{where}: `{key}` has type {type(example[key]).__name__} ({_short(example[key])}); it must be a str.{fix}"
             )
     if memory_token:
         for key in ("prompt", "response"):

@@ -344,7 +344,7 @@ def check_text(text: object, name: str = "text") -> str:
         fix = f"convert it first: `str({name})`."
     shown = repr(text)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    raise InputTypeError(f"`{name}` to render is a {type(text).__name__} ({shown}), not a str; {fix}")
+    raise InputTypeError(f"`{name}` to render has type {type(text).__name__} ({shown}), not a str; {fix}")
 
 
 def _check_int(name: str, value: object, minimum: int, hint: str) -> int:
@@ -711,7 +711,7 @@ class PageRenderer:
             for i, page in enumerate(pages):
                 if not isinstance(page, Image.Image):
                     raise InputTypeError(
-                        f"`pages[{i}]` is a {type(page).__name__}; pass PIL images or one uint8 array (P, S, S, 3)."
+                        f"`pages[{i}]` has type {type(page).__name__}; pass PIL images or one uint8 array (P, S, S, 3)."
                     )
             array = np.stack([np.asarray(p if p.mode == "RGB" else p.convert("RGB")) for p in pages])
         if array.dtype != np.uint8:

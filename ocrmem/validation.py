@@ -41,7 +41,7 @@ def _where(mask: torch.Tensor) -> tuple[list[int], Any, int]:
 
 def _check_int_tensor(name: str, value: Any, shape: tuple[int, ...] | None, fix: str) -> None:
     if not isinstance(value, torch.Tensor):
-        raise InputTypeError(f"`{name}` is a {type(value).__name__}; pass a torch.Tensor of token ids (torch.long). {fix}")
+        raise InputTypeError(f"`{name}` has type {type(value).__name__}; pass a torch.Tensor of token ids (torch.long). {fix}")
     if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
         raise InputTypeError(
             f"`{name}` has dtype {value.dtype}; it must be an integer tensor (torch.long): use `{name}.long()` "
@@ -88,7 +88,7 @@ def validate_inputs(
     shape = tuple(input_ids.shape)
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
-            raise InputTypeError(f"`attention_mask` is a {type(attention_mask).__name__}; pass a torch.Tensor of 0/1 or None.")
+            raise InputTypeError(f"`attention_mask` has type {type(attention_mask).__name__}; pass a torch.Tensor of 0/1 or None.")
         if tuple(attention_mask.shape) != shape:
             raise InputError(
                 f"`attention_mask` has shape {tuple(attention_mask.shape)} but `input_ids` has shape {shape}; "
@@ -162,7 +162,7 @@ def validate_inputs(
 def _check_pixel_types(pixel_values: Any, page_size: int) -> None:
     fix = "Render pages with ocrmem.rendering: PageRenderer.to_pixel_values(pages) or pixel_values_from_text()."
     if not isinstance(pixel_values, torch.Tensor):
-        raise InputTypeError(f"`pixel_values` is a {type(pixel_values).__name__}; pass a float torch.Tensor (P, 3, S, S) or None. {fix}")
+        raise InputTypeError(f"`pixel_values` has type {type(pixel_values).__name__}; pass a float torch.Tensor (P, 3, S, S) or None. {fix}")
     if not pixel_values.is_floating_point():
         raise InputTypeError(
             f"`pixel_values` has dtype {pixel_values.dtype} (raw pixels?); the encoder takes float pages normalised "
