@@ -93,8 +93,11 @@ class MEMConfig(PretrainedConfig):
         self.max_pages = max_pages
         self.font_path = font_path
         self.font_size = font_size
-        # A bare string would otherwise become a list of its letters.
-        self.extra_trainable = extra_trainable if isinstance(extra_trainable, str) else list(extra_trainable or [])
+        # Only a list/tuple is taken as a list: a bare string would become a list of its letters
+        # (and a dict a list of its keys); anything else is kept as given for _validate to refuse.
+        if extra_trainable is None:
+            extra_trainable = []
+        self.extra_trainable = list(extra_trainable) if isinstance(extra_trainable, (list, tuple)) else extra_trainable
         self.empty_memory_policy = empty_memory_policy
         self.compute_dtype = compute_dtype
         super().__init__(**kwargs)
