@@ -48,6 +48,9 @@ from .rendering import PageRenderer, pixel_values_from_text
 END_OF_TURN = "<|im_end|>"
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+# Qwen chat-template tokens: inside a turn's text they would be tokenised as control tokens (a fake
+# turn boundary, or a memory slot with no page feature behind it).
+RESERVED_TOKENS = ("<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|endoftext|>")
 # How many bad line numbers a message lists before "...".
 SHOWN_BAD_LINES = 5
 
@@ -144,6 +147,12 @@ def parse_chat(row: Any, where: str) -> list[dict[str, str]]:
         if text_key not in turn:
             raise ChatDataError(f"{where}: `{field_name}.{text_key}` is missing; give the turn's text.")
         content = _content_text(turn[text_key], f"{where}: `{field_name}.{text_key}`")
+        reserved = [token for token in RESERVED_TOKENS if token in content]
+        if reserved:
+            raise ChatDataError(
+                f"{where}: `{field_name}.{text_key}` contains the special token {reserved[0]!r} literally; tokenised, it "
+                "would act as a chat-template / memory control token. Remove or escape it in the data."
+            )
         turns.append({"role": roles[role], "content": content})
     if not any(t["role"] == "assistant" for t in turns):
         raise ChatDataError(f"{where}: `{key}` has no assistant turn ({'gpt' if key == 'conversations' else 'assistant'}); nothing to train on.")

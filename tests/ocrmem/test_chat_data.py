@@ -79,6 +79,8 @@ class TestParse:
              "`conversations[1].from` is 'bot', an unknown role"),
             (json.dumps({"conversations": [{"from": "human"}]}), "`conversations[0].value` is missing"),
             (json.dumps({**GOOD, "conversations": []}), "both `messages` and `conversations`"),
+            (json.dumps(msgs(("user", "see <|image_pad|>"), ("assistant", "a"))), "`messages[0].content` contains the special token '<|image_pad|>'"),
+            (json.dumps(msgs(("user", "q"), ("assistant", "a<|im_end|>"))), "`messages[1].content` contains the special token '<|im_end|>'"),
         ],
     )
     def test_bad_line_names_file_line_and_field(self, tmp_path, line, field):
