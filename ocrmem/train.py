@@ -1,6 +1,17 @@
-"""Train the adapter (``proj``) of a MEMModel on the built-in synthetic memory task.
+"""Train the adapter (``proj``) of a MEMModel on your JSONL chats or the built-in synthetic memory task.
 
     python -m ocrmem.train --output-dir runs/tiny --max-steps 200
+    python -m ocrmem.train --output-dir runs/chats --train-data train.jsonl [--eval-data eval.jsonl]
+
+``--train-data``: one chat per line, ``{"messages": [{"role", "content"}]}`` or ShareGPT's
+``{"conversations": [{"from", "value"}]}``; every assistant turn is one sample, trained on its reply
+only (:mod:`ocrmem.chat_data`). Before training, a data summary is printed and written to
+``OUTPUT_DIR/data_summary.json``; characters the font cannot draw stop the run (exit 2) unless
+``--allow-missing-glyphs``. Evaluation (``--eval-steps N``, and always at the end) reports
+``eval_loss`` and ``eval_memory_gain`` — reply loss with another row's pages minus with the row's
+own (:mod:`ocrmem.evaluation`) — on ``--eval-data``, a held-out ``--eval-fraction`` of the rows,
+or (synthetic task) ``--num-eval-examples`` fresh examples. ``--bf16`` / ``--fp16``: mixed
+precision through the Trainer (fp16 needs a CUDA GPU).
 
 Each example's fact ("My cat is called Luna.") lives only in the history, which is rendered to
 pages and read through the frozen OCR encoder; the question is in the recent text and the answer
@@ -15,7 +26,10 @@ What ``OUTPUT_DIR`` holds afterwards:
 * ``checkpoint-N/`` every ``--save-steps`` (adapter, optimizer, scheduler, RNG state,
   ``trainer_state.json``; written crash-safely, see :mod:`ocrmem.training`);
 * ``trainer_state.json`` — HF's state with ``log_history`` (``loss``, ``grad_norm``,
-  ``proj_grad_norm``, ``empty_memory_batches``);
+  ``proj_grad_norm``, ``empty_memory_batches``; ``eval_loss``, ``eval_memory_gain``,
+  ``eval_loss_own_memory``, ``eval_loss_shuffled_memory``, ``eval_memory_rows``);
+* ``data_summary.json`` — with ``--train-data``: rows, samples, compressed share, pages per sample,
+  characters dropped by ``max_pages``, samples longer than the LLM's positions, missing glyphs;
 * ``loss_curve.png`` — loss per logged step, ``proj_grad_norm`` on a second axis.
 
 Every step is watched by :class:`~ocrmem.callbacks.GradFlowCallback` (first-batch gradient-flow
@@ -58,6 +72,10 @@ EPILOG = """\
 examples:
   # tiny preset, CPU, about a minute; then look at OUT/loss_curve.png
   python -m ocrmem.train --output-dir OUT --max-steps 300
+
+  # your chats (OpenAI/Qwen `messages` or ShareGPT `conversations`), evaluated every 100 steps, bf16
+  python -m ocrmem.train --output-dir OUT --train-data examples/chats.jsonl examples/chats_sharegpt.jsonl \
+      --eval-steps 100 --bf16
 
   # your own MEMModel dir (config.json naming the LLM and OCR dirs), the user's settings
   python -m ocrmem.train --model-dir /models/mem --output-dir OUT --batch-size 2 \\
