@@ -169,10 +169,12 @@ def test_every_floating_buffer_follows_the_module_cast(readout: str, cast: str) 
     assert out.dtype == want and torch.isfinite(out.float()).all()
 
 
-@pytest.mark.parametrize("readout", ["deepseek_ocr", "tokens_plus_clip"])
 @pytest.mark.parametrize("size", [SIDE, 320])
-def test_params_only_cast_keeps_the_forward_in_one_dtype(readout: str, size: int) -> None:
-    """DeepSpeed's bf16 mode casts parameters, not buffers; the fp32 table must not leak into the forward."""
+def test_params_only_cast_keeps_the_forward_in_one_dtype(size: int) -> None:
+    """DeepSpeed's bf16 mode casts parameters, not buffers; the fp32 table must not leak into the forward.
+
+    (Only tokens_plus_clip holds a buffer; at 320 px its table is also resampled.)"""
+    readout = "tokens_plus_clip"
     enc = DeepEncoder(DeepEncoderSpec.tiny(), readout)  # type: ignore[arg-type]
     reference = DeepEncoder(DeepEncoderSpec.tiny(), readout).to(torch.bfloat16)  # type: ignore[arg-type]
     reference.load_state_dict(enc.state_dict())
