@@ -548,7 +548,7 @@ def _scan_file(path: Path, run: LintRun) -> None:
         run.errors.append((exc.file, exc.line, f"{exc.reason} — nothing in this file was checked; fix it "
                            f"(`python -m py_compile {display_path(exc.file)}` shows what Python sees)"))
     except OSError as exc:
-        run.errors.append((os.fspath(path), None, f"cannot read it: {exc.strerror or exc}"))
+        run.errors.append((os.fspath(path), None, f"cannot read it: {exc.strerror or exc} — check that it exists and is readable"))
     except Exception as exc:  # noqa: BLE001 - a scanner bug must not hide the file or print a traceback
         run.errors.append((os.fspath(path), None, f"could not be scanned ({type(exc).__name__}: {exc}); "
                            "please report this with the file"))
