@@ -26,8 +26,9 @@ from .errors import CheckpointError, ConfigError, InputError, InputTypeError, Re
 
 IGNORE_INDEX = -100
 # Pages are normalised to [-1, 1] (DeepSeek-OCR: mean = std = 0.5); CLIP's mean/std would give
-# about [-1.8, 2.2]. Anything beyond this bound is not a normalised page (0..255 pixels are).
-PIXEL_LIMIT = 3.0
+# about [-1.8, 2.2], and standard-normal test pages reach about +-5. 0..255 pixels (any page
+# with white paper on it) lie far beyond this bound; a normalised page never does.
+PIXEL_LIMIT = 16.0
 
 
 # ----------------------------------------------------------------------------- forward inputs
