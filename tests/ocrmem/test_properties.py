@@ -22,7 +22,7 @@ from ocrmem.configuration import MEMConfig
 from ocrmem.data import MemoryCollator, seed_path_batch
 from ocrmem.modeling import IGNORE_INDEX, left_pad
 from ocrmem.rendering import PageRenderer
-from tests.strategies import ModelSpec, memory_examples, model_specs, padded_rows, page_texts, token_rows
+from ..strategies import ModelSpec, memory_examples, model_specs, padded_rows, page_texts, token_rows
 
 PAGE = 96  # px: ~10 lines of ~15 characters, so a few hundred characters fill several pages
 
