@@ -35,6 +35,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # a killed subprocess save, ~60 s on 2 cores
 def test_sigkill_mid_save_leaves_the_previous_checkpoint_last_and_loadable(tmp_path):
     out, log = tmp_path / "run", tmp_path / "stderr.log"
     with open(log, "w") as stderr:
