@@ -144,6 +144,12 @@ class MemoryCollator:
         font_path: str | None = None,
         font_size: int | None = None,
     ) -> None:
+        for name, value in (("tokens_per_page", tokens_per_page), ("max_pages", max_pages)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(
+                    f"MemoryCollator: `{name}` is {value!r}; use a positive int "
+                    "(MemoryCollator.for_model(model) takes both from the model)."
+                )
         self.tokenizer = tokenizer
         self.memory_token = memory_token
         self.tokens_per_page = tokens_per_page

@@ -59,6 +59,7 @@ from .validation import (
     IGNORE_INDEX,
     check_finite,
     check_llm_dir,
+    check_parts,
     check_sequence_length,
     literal_memory_token_message,
     model_dir_arg,
@@ -218,6 +219,7 @@ class MEMModel(PreTrainedModel):
         model_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(config)
+        check_parts(base_llm, ocr_embed, tokenizer)
         dtype = _DTYPES[config.compute_dtype]
         llm_path = None
         if base_llm is None:
@@ -609,6 +611,8 @@ class MEMModel(PreTrainedModel):
             RemoteCodeError: The LLM directory asks to run custom code.
             ConfigError: An unknown or invalid config value.
         """
+        if not isinstance(fresh_proj, bool):
+            raise InputTypeError(f"from_pretrained: `fresh_proj` is {fresh_proj!r}; pass True or False.")
         model_dir = model_dir_arg(pretrained_model_name_or_path)
         config = MEMConfig(**read_mem_config(model_dir, config_overrides, _config_fields()))
         weights_file = model_dir / ADAPTER_WEIGHTS_NAME
@@ -633,7 +637,9 @@ class MEMModel(PreTrainedModel):
         return model
 
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
-        """Load trainable weights saved by :meth:`save_pretrained` (strict about names and shapes)."""
+        """Load trainable weights saved by :meth:`save_pretrained` (strict about names, shapes, finiteness)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"adapter weights {str(path)!r} do not exist (or are not a file).")
         try:
             weights = load_file(str(path))
         except Exception as err:  # safetensors raises its own error types

@@ -215,6 +215,29 @@ def literal_memory_token_message(memory_token: str, token_id: int, count: int) -
     )
 
 
+def check_parts(base_llm: Any, ocr_embed: Any, tokenizer: Any) -> None:
+    """Ready-made parts handed to ``MEMModel`` must be what their names say.
+
+    Raises:
+        InputTypeError: Naming the argument (a path string passed as ``base_llm``, say).
+    """
+    if base_llm is not None and not (isinstance(base_llm, torch.nn.Module) and hasattr(base_llm, "get_input_embeddings")):
+        raise InputTypeError(
+            f"`base_llm` has type {type(base_llm).__name__}; pass a loaded causal LM (a transformers PreTrainedModel), "
+            "or None to load `base_model_name`."
+        )
+    if ocr_embed is not None and not (isinstance(ocr_embed, torch.nn.Module) and hasattr(ocr_embed, "output_dim")):
+        raise InputTypeError(
+            f"`ocr_embed` has type {type(ocr_embed).__name__}; pass an ocrmem.encoder.DeepEncoder, or None to load "
+            "`ocr_model_name`."
+        )
+    if tokenizer is not None and not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
+        raise InputTypeError(
+            f"`tokenizer` has type {type(tokenizer).__name__}; pass the LLM's transformers tokenizer, or None to load it "
+            "from `base_model_name`."
+        )
+
+
 # ----------------------------------------------------------------------------- weights
 
 
@@ -374,6 +397,7 @@ __all__ = [
     "PIXEL_LIMIT",
     "check_finite",
     "check_llm_dir",
+    "check_parts",
     "check_sequence_length",
     "literal_memory_token_message",
     "model_dir_arg",

@@ -31,6 +31,12 @@ GOOD = {"history": "I live in Oslo. " * 5, "prompt": "Where do I live?", "respon
 
 
 class TestCollator:
+    @pytest.mark.parametrize(("field", "value"), [("tokens_per_page", 0), ("max_pages", 0), ("tokens_per_page", "16")])
+    def test_bad_sizes_are_refused(self, tokenizer, field, value):
+        sizes = {"tokens_per_page": TOKENS_PER_PAGE, field: value}
+        with pytest.raises(ConfigError, match=rf"`{field}` is {value!r}"):
+            MemoryCollator(tokenizer, page_size=256, **sizes)
+
     def test_empty_list_is_refused(self, collator):
         with pytest.raises(InputError, match="empty list of examples"):
             collator([])

@@ -172,6 +172,19 @@ class TestBadPaths:
         with pytest.raises(CheckpointError, match=r"`base_model_name` = .*empty.*has no config.json"):
             MEMModel(MEMConfig(base_model_name=str(tmp_path / "empty"), ocr_model_name=str(tiny_dir / "ocr")))
 
+    @pytest.mark.parametrize("part", ["base_llm", "ocr_embed", "tokenizer"])
+    def test_ready_part_of_wrong_type_is_named(self, tiny_dir, part):
+        with pytest.raises(InputTypeError, match=rf"`{part}` has type str"):
+            MEMModel.from_pretrained(tiny_dir, **{part: "llm"})
+
+    def test_fresh_proj_must_be_a_bool(self, tiny_dir):
+        with pytest.raises(InputTypeError, match=r"`fresh_proj` is 'no'"):
+            MEMModel.from_pretrained(tiny_dir, fresh_proj="no")
+
+    def test_missing_adapter_file_is_not_called_corrupt(self, tiny_model, tmp_path):
+        with pytest.raises(FileNotFoundError, match=r"adapter weights .*nope.safetensors' do not exist"):
+            tiny_model.load_adapter_weights(tmp_path / "nope.safetensors")
+
     def test_misspelt_override_suggests_the_field(self, tiny_dir):
         with pytest.raises(ConfigError, match=r"`context_treshold` is not a MEMConfig field — did you mean `context_threshold`"):
             MEMModel.from_pretrained(tiny_dir, context_treshold=16)
