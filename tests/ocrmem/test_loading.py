@@ -131,6 +131,15 @@ class TestNonFiniteWeights:
         with pytest.raises(CheckpointError, match=r"tensor 'proj.2.bias' holds (1 NaN|0 NaN and 1 inf)"):
             MEMModel.from_pretrained(model_dir)
 
+    def test_fp16_weights_whose_sum_overflows_are_finite(self):
+        from ocrmem.validation import check_finite
+
+        weights = torch.full((1000,), 1000.0, dtype=torch.float16)  # sums to inf in fp16
+        check_finite([("w", weights)], "test")
+        weights[7] = float("-inf")
+        with pytest.raises(CheckpointError, match=r"'w' holds 0 NaN and 1 inf"):
+            check_finite([("w", weights)], "test")
+
     def test_encoder_weight_is_refused(self, tiny_dir, tmp_path):
         ocr = Path(shutil.copytree(tiny_dir / "ocr", tmp_path / "ocr"))
         weights = load_file(str(ocr / "model.safetensors"))
