@@ -11,6 +11,11 @@ user's JSONL chat format, split by :func:`split_chat`. The collator produces::
 
 Any number of pages per row, zero included; the model's ``masked_scatter`` puts page features
 where the memory tokens are.
+
+The memory token written literally in text (``"<|image_pad|>"`` in a chat about the model, say)
+is refused, not escaped: in ``prompt``/``response`` (tokenised) it would stand for a page feature
+that does not exist, and on the seed path anywhere in the chat it would switch compression off.
+In ``history`` it is harmless here (history becomes pixels). The error says how to replace it.
 """
 
 from __future__ import annotations
