@@ -198,9 +198,13 @@ class MEMModel(PreTrainedModel):
         model_dir: Directory that relative model names are resolved against.
 
     Raises:
-        ConfigError: (a ``ValueError``) a model name is empty, or ``proj``'s input width
-            (``vision_embedding_size``) differs from the encoder's output width.
+        ConfigError: (a ``ValueError``) a model name is empty, ``proj``'s input width
+            (``vision_embedding_size``) differs from the encoder's output width, or
+            ``base_model_name`` holds no causal LM (the OCR dir, say).
         FileNotFoundError: A model directory does not exist.
+        RemoteCodeError: The LLM directory asks to run custom code (``auto_map``): never run.
+        CheckpointError: The encoder's weights hold NaN/inf.
+        InputTypeError: A ready part of the wrong type.
     """
 
     config_class = MEMConfig

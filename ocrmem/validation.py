@@ -33,10 +33,10 @@ PIXEL_LIMIT = 3.0
 # ----------------------------------------------------------------------------- forward inputs
 
 
-def _where(mask: torch.Tensor) -> tuple[list[int], Any, int]:
-    """The first position where ``mask`` is true, the value count there is, and how many."""
-    hits = mask.nonzero()
-    return hits[0].tolist(), hits.shape[0], int(mask.sum())
+def _where(mask: torch.Tensor) -> tuple[list[int], int]:
+    """The first position where ``mask`` is true (only called when it is somewhere), and how many are."""
+    hits = mask.nonzero()  # (K, ndim)
+    return hits[0].tolist(), hits.shape[0]
 
 
 def _check_int_tensor(name: str, value: Any, shape: tuple[int, ...] | None, fix: str) -> None:
@@ -117,7 +117,7 @@ def validate_inputs(
     values = torch.stack([s.to(torch.float64) for s in stats]).tolist()
     low, high, rest = values[0], values[1], values[2:]
     if low < 0 or high >= vocab_size:
-        (row, col), _, count = _where((input_ids < 0) | (input_ids >= vocab_size))
+        (row, col), count = _where((input_ids < 0) | (input_ids >= vocab_size))
         value = int(input_ids[row, col])
         hint = f" ({IGNORE_INDEX} is the label ignore index: were labels passed as input_ids?)" if value == IGNORE_INDEX else ""
         raise InputError(
@@ -126,7 +126,7 @@ def validate_inputs(
         )
     if attention_mask is not None:
         if rest.pop(0):
-            (row, col), _, count = _where((attention_mask != 0) & (attention_mask != 1))
+            (row, col), count = _where((attention_mask != 0) & (attention_mask != 1))
             raise InputError(
                 f"`attention_mask` holds {attention_mask[row, col].item()!r} at [{row}, {col}] ({count} values in all); "
                 "use 1 for real tokens and 0 for padding."
@@ -134,7 +134,7 @@ def validate_inputs(
     if labels is not None:
         if rest.pop(0):
             bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
-            (row, col), _, count = _where(bad)
+            (row, col), count = _where(bad)
             value = int(labels[row, col])
             if value < 0:
                 fix = f"the ignore index is {IGNORE_INDEX}, not {value}: `labels[labels == {value}] = {IGNORE_INDEX}`"
