@@ -27,7 +27,6 @@ import copy
 import inspect
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from .errors import (
     InputTypeError,
     RemoteCodeError,
 )
+from .fileio import atomic_write as _atomic_write
 from .projector import build_projector
 from .rendering import PageRenderer, pixel_values_from_text
 from .validation import (
@@ -148,40 +148,6 @@ def set_trainable_params(model: nn.Module, prefixes: list[str]) -> int:
             "use names from model.named_parameters(), e.g. 'ocr_embed.vision_model.transformer.layers.0'."
         )
     return trainable
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory, then rename over ``path``.
-
-    The file ends up with the mode a plain ``open(path, "w")`` would give (0644 under umask 022):
-    ``mkstemp`` creates 0600, and safetensors >= 0.6 writes 0600 too, whatever the file had.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, default_file_mode())
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def default_file_mode() -> int:
-    """``0o666`` less the process umask: the mode ``open()`` gives a new file."""
-    try:  # Linux: read it, rather than set it for a moment under other threads' feet
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 class MEMModel(PreTrainedModel):
