@@ -22,8 +22,12 @@ class InputError(OcrMemError, ValueError):
     """A bad argument to ``forward``, the collator or the renderer (wrong shape, range or value)."""
 
 
-class InputTypeError(OcrMemError, TypeError):
-    """An argument of the wrong type (a ``list`` where a ``str`` belongs, float token ids)."""
+class InputTypeError(OcrMemError, TypeError, ValueError):
+    """An argument of the wrong type (a ``list`` where a ``str`` belongs, float token ids).
+
+    Also a ``ValueError``, like every error about a value the caller passed: callers (the
+    CLIs) that turn ``ValueError`` into exit 2 need no second clause for it.
+    """
 
 
 class RemoteCodeError(CheckpointError):
