@@ -18,6 +18,10 @@ class CheckpointError(OcrMemError, ValueError):
     """A checkpoint is missing keys, has wrong shapes or is corrupt."""
 
 
+class OutputDirLockedError(OcrMemError, RuntimeError):
+    """Another live training holds the output dir's lock (its pid and host are in the message)."""
+
+
 class EmptyMemoryError(OcrMemError, RuntimeError):
     """A batch has no compressed history and ``empty_memory_policy`` is ``"error"``."""
 
@@ -37,4 +41,5 @@ __all__ = [
     "EmptyMemoryWarning",
     "MissingGlyphWarning",
     "OcrMemError",
+    "OutputDirLockedError",
 ]
