@@ -62,9 +62,9 @@ RNG = "rng_state.pth"
 
 # What restarts when a resume goes without a file (HF loads optimizer and scheduler only together).
 RESTARTS = {
-    OPTIMIZER: "the optimizer state (Adam moments start from zero)",
-    SCHEDULER: "the learning-rate schedule (it starts over from step 0)",
-    RNG: "the RNG state (data order and dropout differ from an uninterrupted run)",
+    OPTIMIZER: "the optimizer state (Adam moments from zero)",
+    SCHEDULER: "the learning-rate schedule (from step 0)",
+    RNG: "the RNG state (data order and dropout then differ from an uninterrupted run)",
 }
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX}-(\d+)$")
 
@@ -374,11 +374,12 @@ def _instead(path: str, rng_file: str) -> str:
 
 
 def check_resume_checkpoint(path: str, *, allow_partial: bool = False, rng_file: str = RNG,
-                            model_state_only: bool = False) -> list[str]:
+                            model_state_only: bool = False, warn: bool = True) -> list[str]:
     """Refuse a checkpoint a resume cannot use exactly, before anything is trained.
 
     Returns:
-        What restarts from scratch (empty unless ``allow_partial`` let missing files through).
+        What restarts from scratch (empty unless ``allow_partial`` let missing files through;
+        ``warn`` logs a warning saying so).
 
     Raises:
         CheckpointError: ``path`` is no dir, a file is corrupt, ``model.safetensors`` or
@@ -394,8 +395,8 @@ def check_resume_checkpoint(path: str, *, allow_partial: bool = False, rng_file:
         files = "; ".join(f"{os.path.join(path, p.name)} is corrupt ({p.reason})" for p in corrupt)
         raise CheckpointError(f"cannot resume from {path}: {files}. {_instead(path, rng_file).capitalize()}.")
     missing = [p.name for p in problems]
-    essential = [m for m in missing if m not in RESTARTS]
-    optional = [m for m in missing if m in RESTARTS]
+    essential = [m for m in missing if m not in RESTARTS and m != rng_file]
+    optional = [m for m in missing if m in RESTARTS or m == rng_file]
     is_output_dir = bool(optional) and os.path.isfile(os.path.join(path, "config.json")) and bool(list_checkpoints(path))
     if essential:
         raise CheckpointError(
@@ -409,13 +410,16 @@ def check_resume_checkpoint(path: str, *, allow_partial: bool = False, rng_file:
     restarted += [RNG] if rng_file in optional else []
     restarts = [RESTARTS[name] for name in restarted]
     what = "a training's final output dir, not a checkpoint" if is_output_dir else "an incomplete checkpoint"
-    summary = f"{path} is {what}: {', '.join(optional)} missing, so {'; '.join(restarts)}"
+    summary = f"{path} is {what} ({', '.join(optional)} missing)"
     if not allow_partial:
         raise CheckpointError(
-            f"cannot resume from {summary}. {_instead(path, rng_file).capitalize()}, or allow the restart "
-            "explicitly (--resume-partial / AdapterOnlyTrainer(allow_partial_resume=True))."
+            f"cannot resume: {summary}; resuming from it would restart {' and '.join(restarts)}. "
+            f"{_instead(path, rng_file).capitalize()}, or allow the restart explicitly "
+            "(--resume-partial / AdapterOnlyTrainer(allow_partial_resume=True))."
         )
-    logger.warning("Resuming from %s (allowed by allow_partial_resume).", summary)
+    if warn:
+        logger.warning("Resuming from an incomplete checkpoint (allow_partial_resume): %s; restarting %s.",
+                       summary, " and ".join(restarts))
     return restarts
 
 
