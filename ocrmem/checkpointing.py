@@ -397,10 +397,12 @@ def check_resume_checkpoint(path: str, *, allow_partial: bool = False, rng_file:
     missing = [p.name for p in problems]
     essential = [m for m in missing if m not in RESTARTS and m != rng_file]
     optional = [m for m in missing if m in RESTARTS or m == rng_file]
-    is_output_dir = bool(optional) and os.path.isfile(os.path.join(path, "config.json")) and bool(list_checkpoints(path))
+    is_output_dir = bool(missing) and os.path.isfile(os.path.join(path, "config.json")) and bool(list_checkpoints(path))
+    what = "a training's final output dir, not a checkpoint" if is_output_dir else "an incomplete checkpoint"
     if essential:
+        what = what if is_output_dir else "not a checkpoint"
         raise CheckpointError(
-            f"cannot resume from {path}: {', '.join(essential)} missing, it is not a checkpoint. "
+            f"cannot resume from {path}: it is {what} ({', '.join(missing)} missing). "
             f"{_instead(path, rng_file).capitalize()}."
         )
     if not optional:
@@ -409,7 +411,6 @@ def check_resume_checkpoint(path: str, *, allow_partial: bool = False, rng_file:
     restarted = [OPTIMIZER, SCHEDULER] if {OPTIMIZER, SCHEDULER} & set(optional) else []
     restarted += [RNG] if rng_file in optional else []
     restarts = [RESTARTS[name] for name in restarted]
-    what = "a training's final output dir, not a checkpoint" if is_output_dir else "an incomplete checkpoint"
     summary = f"{path} is {what} ({', '.join(optional)} missing)"
     if not allow_partial:
         raise CheckpointError(
