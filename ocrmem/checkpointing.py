@@ -197,8 +197,9 @@ def rotate_checkpoints(run_dir: str, save_total_limit: int | None, best_model_ch
         try:
             os.rename(path, aside)
         except OSError as err:
+            # Stop: deleting a newer one instead would keep an older checkpoint than asked for.
             logger.warning("save_total_limit: could not remove %s (%s); delete it by hand.", path, err)
-            continue
+            break
         deleted.append(path)
         shutil.rmtree(aside, ignore_errors=True)
     return deleted

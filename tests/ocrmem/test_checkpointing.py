@@ -206,7 +206,7 @@ class TestWriteErrors:
         assert as_write_error(RuntimeError("CUDA error: device-side assert triggered")) is None  # not every RuntimeError
 
     # 20 kB: model.safetensors (33 kB) fails in safetensors; 50 kB: it passes, optimizer.pt (71 kB) fails in torch.save.
-    @pytest.mark.parametrize("limit", [20_000, 50_000], ids=["safetensors", "torch.save"])
+    @pytest.mark.parametrize("limit", [pytest.param(20_000, marks=pytest.mark.slow), 50_000], ids=["safetensors", "torch.save"])
     def test_limit_hit_mid_checkpoint_gives_the_message_and_keeps_the_previous(self, tiny_model, tmp_path, limit):
         run = tmp_path / "run"
         with contextlib.ExitStack() as stack:
@@ -394,19 +394,27 @@ def checkpoint_save(trainer: AdapterOnlyTrainer, step: int) -> None:
     trainer._save_checkpoint(trainer.model, trial=None)
 
 
-# (save_total_limit, step saved, checkpoints that must survive any fault, the newest there must be)
+# name: (checkpoints before, save_total_limit, step saved, checkpoints that must survive any fault,
+# the step the newest must at least have). The template run has checkpoint-2 and checkpoint-4.
 SCENARIOS = {
-    "rotation": (2, 6, {4}, 4),  # checkpoint-6 written, checkpoint-2 rotated away
-    "replace": (None, 4, {2, 4}, 4),  # checkpoint-4 written again (a rerun): the old one renamed aside
+    "rotation": ((2, 4), 2, 6, {4}, 4),  # checkpoint-6 written, checkpoint-2 rotated away
+    "replace": ((2, 4), None, 4, {2, 4}, 4),  # checkpoint-4 written again (a rerun): the old one renamed aside
+    # Both at once (a rerun with a lower save_total_limit): checkpoint-6 replaced, checkpoint-2 rotated away.
+    "replace+rotation": ((2, 4, 6), 2, 6, {4, 6}, 6),
 }
 
 
 class TestFaultAtEveryWriteStep:
     def _run(self, template, tmp_path, monkeypatch, scenario: str, mode: str) -> int:
         trainer, model = template["trainer"], template["model"]
-        limit, step, must_keep, newest = SCENARIOS[scenario]
+        before, limit, step, must_keep, newest = SCENARIOS[scenario]
         run, original = tmp_path / "run", tmp_path / "original"
         shutil.copytree(template["out"], original)
+        monkeypatch.setattr(trainer.args, "save_total_limit", None)
+        monkeypatch.setattr(trainer.args, "output_dir", str(original))
+        for extra in sorted(set(before) - {2, 4}):
+            checkpoint_save(trainer, extra)
+        assert visible_steps(original) == list(before)
         shutil.copytree(original, run)
         monkeypatch.setattr(trainer.args, "save_total_limit", limit)
         monkeypatch.setattr(trainer.args, "output_dir", str(run))
@@ -437,7 +445,10 @@ class TestFaultAtEveryWriteStep:
             assert_restartable(run, model, {step + 2}, step + 2, what + ", next save")
         return total
 
-    @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+    # The default run covers the replace + rotation save (~40 steps); the slow suite each alone too.
+    @pytest.mark.parametrize("scenario", [
+        "replace+rotation", pytest.param("rotation", marks=pytest.mark.slow), pytest.param("replace", marks=pytest.mark.slow),
+    ])
     def test_a_kill_at_any_step_keeps_a_loadable_newest_checkpoint(self, template, tmp_path, monkeypatch, scenario):
         self._run(template, tmp_path, monkeypatch, scenario, "kill")
 
