@@ -493,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:  # disk full / permissions while training or saving: a path problem
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        # On a line of its own: the progress bar of the interrupted training has no newline yet.
+        print(f"\n{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 
 
