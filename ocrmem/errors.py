@@ -22,6 +22,22 @@ class OutputDirLockedError(OcrMemError, RuntimeError):
     """Another live training holds the output dir's lock (its pid and host are in the message)."""
 
 
+class InputError(OcrMemError, ValueError):
+    """A bad argument to ``forward``, the collator or the renderer (wrong shape, range or value)."""
+
+
+class InputTypeError(OcrMemError, TypeError):
+    """An argument of the wrong type (a ``list`` where a ``str`` belongs, float token ids)."""
+
+
+class RemoteCodeError(CheckpointError):
+    """A model directory asks to run custom code (``auto_map``); ``ocrmem`` never runs it."""
+
+
+class FreshProjectorWarning(UserWarning):
+    """``from_pretrained(..., fresh_proj=True)``: ``proj`` starts from a fresh random init."""
+
+
 class EmptyMemoryError(OcrMemError, RuntimeError):
     """A batch has no compressed history and ``empty_memory_policy`` is ``"error"``."""
 
@@ -39,7 +55,11 @@ __all__ = [
     "ConfigError",
     "EmptyMemoryError",
     "EmptyMemoryWarning",
+    "FreshProjectorWarning",
+    "InputError",
+    "InputTypeError",
     "MissingGlyphWarning",
     "OcrMemError",
     "OutputDirLockedError",
+    "RemoteCodeError",
 ]
