@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -143,7 +144,9 @@ class TestRun:
         assert "final output dir, not a checkpoint" in err and f"Resume from {run / 'checkpoint-6'} instead" in err
         with caplog.at_level(logging.WARNING, logger="ocrmem"):  # the CLI's log handler is pytest's here
             assert main([*argv, "--resume-partial"]) == EXIT_OK
-        assert "trained 4 steps (resumed at step 6, now at 10)" in capsys.readouterr().err  # this run's steps
+        # this run's steps (the dir's state is at step 6, or 8 after the resume test ran on the shared fixture)
+        found = re.search(r"trained (\d+) steps \(resumed at step (\d+), now at 10\)", capsys.readouterr().err)
+        assert found and int(found[1]) + int(found[2]) == 10 and int(found[2]) in (6, 8)
         assert any("restarting the optimizer state" in r.getMessage() for r in caplog.records)
 
     @pytest.mark.parametrize("max_steps", ["6", "4"])
