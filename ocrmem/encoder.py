@@ -32,11 +32,10 @@ import json
 import logging
 import math
 import os
-import tempfile
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -46,6 +45,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ocrmem.errors import CheckpointError, ConfigError
+from ocrmem.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -1238,19 +1238,6 @@ def load_deepencoder(
     return encoder.eval()
 
 
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same directory, then rename over ``target``."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_deepencoder(
     encoder: DeepEncoder, path: str | os.PathLike[str], extra_config: dict[str, Any] | None = None
 ) -> Path:
@@ -1310,8 +1297,8 @@ def save_deepencoder(
     config["ocrmem_encoder"] = encoder.spec.to_dict()
     config["ocrmem_pixel_norm"] = encoder.pixel_norm
 
-    _atomic_write(directory / _WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _atomic_write(directory / _CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(directory / _WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(directory / _CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 
 
