@@ -24,6 +24,13 @@ Read-outs:
 - ``"tokens_plus_clip"`` is the user's third-party encoder package: SAM tokens plus the CLIP
   position table (no class token) go through ``pre_layrnorm`` and the CLIP transformer,
   and the result is ``tokens + clip(tokens)``. T = h * w, D = clip_width.
+
+Each read-out resamples CLIP's position table (for pages other than 1024 px) the way its
+reference does: deepseek_ocr in fp32 with antialias, tokens_plus_clip in the table's dtype
+without. Pixels: ``forward`` takes DeepSeek-OCR-normalised pages (mean = std = 0.5, what the
+renderer produces) for both read-outs; ``pixel_norm="clip"`` re-normalises them to CLIP's
+mean/std, as the user's package does to PIL images by default. Parity with the published code
+and the package is pinned by tests/ocrmem/test_encoder_golden.py.
 """
 
 from __future__ import annotations
