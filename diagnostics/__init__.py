@@ -11,26 +11,51 @@ except in :mod:`diagnostics.mem_adapter`.
 
 from __future__ import annotations
 
-from .assertions import assert_grad_flow
-from .causes import CAUSES, Finding
-from .engine import diagnose, extract_loss, run_forward
-from .errors import CannotRunError, DiagnosticsError, FactoryError, LossNotFoundError
-from .freeze import FreezeWatch, static_freeze_sites
-from .load_triage import LoadTriage, TriageFinding, classify_message
-from .params import ParameterTable, check_expectations, parameter_table
-from .report import Report, merge_reports
+import importlib
 
-_LAZY = {"LintFinding", "lint_file", "lint_paths"}
+#: public name -> the submodule that defines it. Imported on first access (PEP 562): the
+#: package is also the home of two ``python -m`` entry points whose ``--help`` must not pay
+#: for torch, and importing ``diagnostics.lint`` eagerly would make runpy warn that it was
+#: imported before execution.
+_LAZY = {
+    "assert_grad_flow": "assertions",
+    "CAUSES": "causes",
+    "Finding": "causes",
+    "diagnose": "engine",
+    "extract_loss": "engine",
+    "run_forward": "engine",
+    "CannotRunError": "errors",
+    "DiagnosticsError": "errors",
+    "FactoryError": "errors",
+    "LossNotFoundError": "errors",
+    "FreezeWatch": "freeze",
+    "static_freeze_sites": "freeze",
+    "LoadTriage": "load_triage",
+    "TriageFinding": "load_triage",
+    "classify_message": "load_triage",
+    "ParameterTable": "params",
+    "check_expectations": "params",
+    "parameter_table": "params",
+    "Report": "report",
+    "merge_reports": "report",
+    "LintFinding": "lint",
+    "lint_file": "lint",
+    "lint_paths": "lint",
+}
 
 
 def __getattr__(name: str) -> object:
-    # diagnostics.lint is also a `python -m` entry point; importing it eagerly here would
-    # make runpy warn that it was imported before execution.
-    if name in _LAZY:
-        from . import lint
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diagnostics' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    if module != "lint":  # keep lint out of globals so `python -m diagnostics.lint` stays clean
+        globals()[name] = value
+    return value
 
-        return getattr(lint, name)
-    raise AttributeError(f"module 'diagnostics' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [
