@@ -24,6 +24,11 @@ REENTRANT_CHECKPOINT = "reentrant_checkpoint"
 NAN_LOSS = "nan_loss"
 UNUSED_PARAM = "unused_param"
 WASTED_TRACKING = "wasted_tracking"
+# Data causes (--data): the renderer or the history split wasted a row; never an error.
+MISSING_GLYPHS = "missing_glyphs"
+HISTORY_TRUNCATED = "history_truncated"
+NO_MEMORY = "no_memory"
+FEWER_BATCHES = "fewer_batches"
 
 #: cause -> (what it means, the generic fix). Messages built by the engine are more
 #: specific; these are the fallbacks and the ``--help`` glossary.
@@ -67,6 +72,24 @@ CAUSES: Mapping[str, tuple[str, str]] = {
         "a frozen module is tracked by autograd although nothing trainable lies upstream "
         "of it, so autograd stores its activations for nothing",
         "do not set requires_grad on its inputs; run it under torch.no_grad()",
+    ),
+    MISSING_GLYPHS: (
+        "--data rows whose history holds characters the font cannot draw: they are rendered "
+        "as empty boxes the OCR encoder cannot read",
+        "set `font_path` to a font that covers them (e.g. a CJK font for Chinese)",
+    ),
+    HISTORY_TRUNCATED: (
+        "--data rows whose history needs more than `max_pages` pages: the oldest pages are dropped",
+        "raise `max_pages` (None keeps every page) or shorten the history",
+    ),
+    NO_MEMORY: (
+        "--data rows too short to compress get no memory pages; a batch of only such rows "
+        "trains nothing in proj",
+        "filter such rows out or lower `context_threshold`",
+    ),
+    FEWER_BATCHES: (
+        "--batches asked for more batches than the --data rows fill",
+        "give more rows or a smaller --batches",
     ),
 }
 
@@ -147,11 +170,15 @@ __all__ = [
     "CAUSES",
     "DETACHED",
     "ERROR",
+    "FEWER_BATCHES",
     "Finding",
     "GRAD_DISABLED",
+    "HISTORY_TRUNCATED",
     "INFO",
+    "MISSING_GLYPHS",
     "NAN_LOSS",
     "NOT_TRAINABLE",
+    "NO_MEMORY",
     "NO_TRAINABLE_PARAMS",
     "REENTRANT_CHECKPOINT",
     "SEVERITIES",

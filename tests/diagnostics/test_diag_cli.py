@@ -36,7 +36,7 @@ class TestMainInProcess:
         assert main([f"--factory={FACTORIES}:proj_under_no_grad", "--json", "-", "--quiet"]) == EXIT_FINDINGS
         captured = capsys.readouterr()
         data = json.loads(captured.out)
-        assert data["version"] == 1 and data["status"] == "error"
+        assert data["version"] == 2 and data["status"] == "error"
         finding = data["findings"][0]
         assert finding["cause"] == "grad_disabled"
         assert finding["line"] == line_of(zoo.ProjUnderNoGrad.embed_history, "with torch.no_grad()")
@@ -56,7 +56,7 @@ class TestMainInProcess:
             ([f"--factory={FACTORIES}:not_a_dict"], "must return a dict"),
             (["--factory=nope.py:f"], "does not exist"),
             (["--factory=no_colon"], "FILE.py:FUNC"),
-            (["/does/not/exist"], "not a directory"),
+            (["/does/not/exist"], "does not exist"),
             ([f"--factory={FACTORIES}:shape_mismatch"], "could not run"),
         ],
     )
