@@ -21,6 +21,7 @@ Outline::
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence
@@ -29,6 +30,16 @@ from .causes import ERROR, INFO, WARNING, Finding, severity_rank
 from .params import ParameterTable
 
 SCHEMA_VERSION = 2
+
+#: the JSON Schema of :meth:`Report.to_json` (shipped as package data).
+SCHEMA_FILE = "report.schema.json"
+
+
+def load_schema() -> dict[str, Any]:
+    """The report's JSON Schema (draft 2020-12), e.g. for ``jsonschema.validate(report, load_schema())``."""
+    from importlib.resources import files
+
+    return json.loads(files(__package__).joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
 
 #: the exception a backward on a loss without grad_fn raises — the user's error.
 NO_GRAD_FN_ERROR = "RuntimeError: element 0 of tensors does not require grad and does not have a grad_fn"
@@ -372,6 +383,8 @@ __all__ = [
     "NO_GRAD_FN_ERROR",
     "Report",
     "RunError",
+    "SCHEMA_FILE",
     "SCHEMA_VERSION",
+    "load_schema",
     "merge_reports",
 ]
