@@ -11,13 +11,12 @@ except in :mod:`diagnostics.mem_adapter`.
 
 from __future__ import annotations
 
-import importlib
+from typing import TYPE_CHECKING
 
-#: public name -> the submodule that defines it. Imported on first access (PEP 562): the
-#: package is also the home of two ``python -m`` entry points whose ``--help`` must not pay
-#: for torch, and importing ``diagnostics.lint`` eagerly would make runpy warn that it was
-#: imported before execution.
-_LAZY = {
+# Every name is loaded on first use: `python -m diagnostics.lint --help` (and the other
+# CLIs' --help) must not pay for importing torch, and runpy warns when a `-m` module
+# was imported by its package before execution.
+_LAZY: dict[str, str] = {
     "assert_grad_flow": "assertions",
     "CAUSES": "causes",
     "Finding": "causes",
@@ -30,6 +29,9 @@ _LAZY = {
     "LossNotFoundError": "errors",
     "FreezeWatch": "freeze",
     "static_freeze_sites": "freeze",
+    "LintFinding": "lint",
+    "lint_file": "lint",
+    "lint_paths": "lint",
     "LoadTriage": "load_triage",
     "TriageFinding": "load_triage",
     "classify_message": "load_triage",
@@ -38,24 +40,33 @@ _LAZY = {
     "parameter_table": "params",
     "Report": "report",
     "merge_reports": "report",
-    "LintFinding": "lint",
-    "lint_file": "lint",
-    "lint_paths": "lint",
 }
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .assertions import assert_grad_flow
+    from .causes import CAUSES, Finding
+    from .engine import diagnose, extract_loss, run_forward
+    from .errors import CannotRunError, DiagnosticsError, FactoryError, LossNotFoundError
+    from .freeze import FreezeWatch, static_freeze_sites
+    from .lint import LintFinding, lint_file, lint_paths
+    from .load_triage import LoadTriage, TriageFinding, classify_message
+    from .params import ParameterTable, check_expectations, parameter_table
+    from .report import Report, merge_reports
 
 
 def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'diagnostics' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    if module != "lint":  # keep lint out of globals so `python -m diagnostics.lint` stays clean
-        globals()[name] = value
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

@@ -105,9 +105,9 @@ def write_tiny(
     from .configuration import MEMConfig
     from .encoder import DeepEncoder, DeepEncoderSpec, save_deepencoder
     from .modeling import MEMModel
+    from .validation import output_dir
 
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
+    root = output_dir(path, "write_tiny")
     tokenizer = build_tiny_tokenizer(seed)
 
     config_cls, model_cls = compat.tiny_llm_classes()
@@ -138,7 +138,22 @@ def write_tiny(
     )
     model = MEMModel(config, model_dir=root)
     model.save_pretrained(root)
+    _make_readable([*(root / "llm").iterdir(), *(root / "ocr").iterdir()])
     return root
+
+
+def _make_readable(files: list[Path]) -> None:
+    """Give the files the preset wrote the mode ``open()`` would (0644 under umask 022).
+
+    safetensors (>= 0.6) writes 0600 whatever the umask, and so do writes through ``mkstemp``;
+    a model directory should read like any other files (shared caches, containers, other users).
+    """
+    from .modeling import default_file_mode
+
+    mode = default_file_mode()
+    for file in files:
+        if file.is_file():
+            file.chmod(mode)
 
 
 EXIT_OK = 0
