@@ -186,7 +186,7 @@ def read_data_rows(ocrmem: Any, data: str | Path) -> tuple[list[dict[str, Any]],
         raise CannotRunError(f"reading --data `{data}` failed: {exc}") from exc
     except ValueError as exc:  # ocrmem's ConfigError: bad JSON line, or a chat in the wrong shape
         message = str(exc)
-        if not message.startswith(str(path)):
+        if str(path) not in message:  # a chat in the wrong shape: find its line
             message = f"{path}:{_bad_chat_line(ocrmem, path)}: {message}"
         raise CannotRunError(f"--data: {message} Expected {_ROW_FORMAT}.") from exc
     lines = [number for number, line in enumerate(text.splitlines(), start=1) if line.strip()]

@@ -145,7 +145,7 @@ def test_missing_data_file_exits_2(tiny_dir, tmp_path, capsys):
     [
         (b"PAR1\x15\x04\x15\xe0\xff\x00binary", "is not UTF-8 text"),  # a Parquet file
         (b"name,history,answer\nLuna,hi,ok\n", "d.data:1: not valid JSON"),  # CSV
-        (b'{"text": "hello"}\n{"text": "again"}\n', "d.data:1: unknown row format (keys [\'text\']"),
+        (b'{"text": "hello"}\n{"text": "again"}\n', "d.data:1 is missing ['history', 'prompt', 'response']"),
         (b'{"history": "h", "prompt": "p", "response": "r"}\n{"messages": [{"role": "user", "content": "x"}]}\n',
          "d.data:2: `messages` must end with a user turn"),
     ],
