@@ -262,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.json and args.json != "-":
             check_output_path("--json", args.json)
         if args.graph:
-            check_output_path("--graph", args.graph)
+            check_output_path("--graph", args.graph, example="grad_flow.svg")
     except CannotRunError as exc:
         return _fail(str(exc))
     if args.factory:

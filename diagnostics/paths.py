@@ -23,17 +23,21 @@ def check_model_dir(path: str | Path) -> None:
         raise CannotRunError(f"MODEL_DIR `{path}` has no config.json: not a MEMModel directory; {fix}")
 
 
-def check_output_path(option: str, target: str) -> None:
+def check_output_path(option: str, target: str, example: str = "report.json") -> None:
     """Fail early, before minutes of diagnosis, if ``target`` cannot be written.
 
     Creates missing parent folders (as the write would); writes nothing else.
 
     Raises:
-        CannotRunError: the parent cannot be created or written, or ``target`` is a directory.
+        CannotRunError: ``target`` is a directory, an existing parent is a file, or the
+            folder cannot be created or written.
     """
     path = Path(target)
     if path.is_dir():
-        raise CannotRunError(f"{option} `{target}` is a directory; give a file path such as {path / 'report.json'}")
+        raise CannotRunError(f"{option} `{target}` is a directory; give a file path such as {path / example}")
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise CannotRunError(f"{option} `{target}`: `{blocker}` is a file, not a folder; give a path in a writable folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -82,8 +82,9 @@ class TestMainInProcess:
     def test_unwritable_output_path_exits_2_before_running(self, option, tmp_path, capsys) -> None:
         blocker = tmp_path / "a_file"
         blocker.write_text("x")
-        cases = [(blocker / "out.json", "cannot create its folder", "give a path in a writable folder"),
-                 (tmp_path, "is a directory", "give a file path")]
+        cases = [(blocker / "out.json", f"`{blocker}` is a file, not a folder", "give a path in a writable folder"),
+                 (blocker / "deeper" / "out.json", f"`{blocker}` is a file, not a folder", "writable folder"),
+                 (tmp_path, "is a directory", "give a file path such as")]
         for target, reason, fix in cases:
             # the factory would exit 1 (proj under no_grad): 2 proves the path was checked first
             status = main([f"--factory={FACTORIES}:proj_under_no_grad", option, str(target), "--quiet"])
