@@ -5,7 +5,11 @@ public API: ``ocrmem.tiny.write_tiny``, ``ocrmem.MEMModel.from_pretrained`` and
 ``ocrmem.data`` (collator, JSONL reader, seed-path batches). Loading runs inside
 :class:`~diagnostics.load_triage.LoadTriage` so the load-time warnings are
 classified, and inside :class:`~diagnostics.freeze.FreezeWatch` so a frozen ``proj``
-can be traced back to the line that froze it.
+can be traced back to the line that froze it. With ``data``, every row is also rendered
+once more on its own (:func:`scan_rows`, ~6 ms a row on the tiny preset) so that the
+renderer's warnings — missing glyphs, pages dropped by ``max_pages`` — and rows without
+memory can be reported with their JSONL line (:data:`LAST_DATA_SCAN`,
+:mod:`diagnostics.data_findings`) instead of as anonymous Python warnings.
 """
 
 from __future__ import annotations
@@ -100,7 +104,8 @@ def load_model_dir(
         ``(model, batches, expect_trainable, triage_findings)``.
 
     Raises:
-        CannotRunError: missing directory, ocrmem not importable, loading failed.
+        CannotRunError: missing directory, ocrmem not importable, loading failed, a ``data``
+            file that is missing or not JSONL rows in a known format (``FILE:LINE`` named).
     """
     global LAST_DATA_SCAN
     LAST_DATA_SCAN = None
