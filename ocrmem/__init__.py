@@ -13,7 +13,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import CheckpointError, ConfigError, EmptyMemoryError, EmptyMemoryWarning, MissingGlyphWarning, OcrMemError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    EmptyMemoryError,
+    EmptyMemoryWarning,
+    FreshProjectorWarning,
+    InputError,
+    InputTypeError,
+    MissingGlyphWarning,
+    OcrMemError,
+    RemoteCodeError,
+)
 
 __version__ = "0.1.0"
 
@@ -47,9 +58,13 @@ __all__ = [
     "ConfigError",
     "EmptyMemoryError",
     "EmptyMemoryWarning",
+    "FreshProjectorWarning",
+    "InputError",
+    "InputTypeError",
     "MEMConfig",
     "MEMModel",
     "MEMOutput",
     "MissingGlyphWarning",
     "OcrMemError",
+    "RemoteCodeError",
 ]

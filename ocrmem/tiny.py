@@ -20,8 +20,10 @@ import random
 import sys
 from pathlib import Path
 
-# torch, transformers and the model modules are imported inside write_tiny: `python -m
-# ocrmem.tiny --help` (and a bad argument) must answer before seconds of imports.
+from .fileio import default_file_mode
+
+# torch, transformers and the model modules are imported inside write_tiny (fileio is
+# torch-free): `python -m ocrmem.tiny --help` and a bad argument answer before seconds of imports.
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
 TINY_VOCAB = 1024  # byte-level BPE merges; the 4 specials come after (ids 1024..1027)
@@ -148,8 +150,6 @@ def _make_readable(files: list[Path]) -> None:
     safetensors (>= 0.6) writes 0600 whatever the umask, and so do writes through ``mkstemp``;
     a model directory should read like any other files (shared caches, containers, other users).
     """
-    from .modeling import default_file_mode
-
     mode = default_file_mode()
     for file in files:
         if file.is_file():
