@@ -258,7 +258,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.model_dir:
             check_model_dir(args.model_dir)
         if args.data and not Path(args.data).is_file():
-            raise CannotRunError(f"--data `{args.data}` does not exist; give a JSONL file, one JSON object per line")
+            problem = "is a directory" if Path(args.data).is_dir() else "does not exist"
+            raise CannotRunError(f"--data `{args.data}` {problem}; give a JSONL file, one JSON object per line")
         if args.json and args.json != "-":
             check_output_path("--json", args.json)
         if args.graph:

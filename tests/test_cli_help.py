@@ -47,6 +47,7 @@ def test_help_does_not_import_torch(module: str) -> None:
         (["-m", "diagnostics.grad_flow", "/no/such/model_dir"], "does not exist"),
         (["-m", "diagnostics.grad_flow", "--factory", "no_colon"], "FILE.py:FUNC"),
         (["-m", "diagnostics.grad_flow", "--batches", "0"], "--batches must be >= 1"),
+        (["-m", "diagnostics.grad_flow", "--data", "tests"], "--data `tests` is a directory; give a JSONL file"),
         (["-m", "ocrmem.presets", "--vision-embedding-size", "-3"], "must be >= 1"),
         (["-m", "ocrmem.tiny", "--seed", "x", "DIR"], "invalid int value"),
     ],
