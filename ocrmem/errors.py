@@ -18,6 +18,10 @@ class CheckpointError(OcrMemError, ValueError):
     """A checkpoint is missing keys, has wrong shapes or is corrupt."""
 
 
+class OutputDirLockedError(OcrMemError, RuntimeError):
+    """Another live training holds the output dir's lock (its pid and host are in the message)."""
+
+
 class InputError(OcrMemError, ValueError):
     """A bad argument to ``forward``, the collator or the renderer (wrong shape, range or value)."""
 
@@ -64,6 +68,7 @@ __all__ = [
     "InputTypeError",
     "MissingGlyphWarning",
     "OcrMemError",
+    "OutputDirLockedError",
     "PixelRangeWarning",
     "RemoteCodeError",
 ]
