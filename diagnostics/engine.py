@@ -16,6 +16,7 @@ untouched, train/eval mode untouched.
 
 from __future__ import annotations
 
+import sys
 import time
 import traceback
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ from torch import nn
 
 from .blame import attribute_missing
 from .causes import CHECKS, Finding
+from .causes.grad_disabled import observe_caller
 from .causes.nan_loss import scalar
 from .context import DiagnosisContext, named_batch_tensors
 from .errors import LossNotFoundError
@@ -129,9 +131,11 @@ def diagnose(
     """
     started = time.perf_counter()
     classifier = CodeClassifier(user_roots)
+    caller = observe_caller(classifier, sys._getframe(1), model)
     level = report_level_modules(model)
     ctx = DiagnosisContext.for_model(model, classifier, level)
     ctx.batch = batch
+    ctx.caller = caller
     ctx.batch_names = {id(t): key for key, t in named_batch_tensors(batch)}
 
     # 1. parameters and expectations
@@ -147,7 +151,9 @@ def diagnose(
     ctx.trace = trace
     output: Any = None
     forward_fn = forward or (lambda m, b: run_forward(m, b))
-    with torch.inference_mode(False), torch.enable_grad():
+    # In the caller's own grad mode (a step run with grad off is the bug to report, not
+    # to fix); the block restores the mode on exit whatever the forward switched.
+    with torch.set_grad_enabled(caller.grad_enabled):
         try:
             with trace:
                 output = forward_fn(model, batch)

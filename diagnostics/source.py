@@ -17,6 +17,7 @@ frames, so it is testable on plain functions.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import sysconfig
 import types
@@ -24,11 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional, Sequence
 
-import torch
-
 FileKind = Literal["user", "library", "torch", "internal"]
 
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+def _package_dir(name: str) -> str:
+    # find_spec locates the package without importing it: this module stays torch-free.
+    spec = importlib.util.find_spec(name)
+    origin = spec.origin if spec is not None else None
+    return os.path.dirname(os.path.abspath(origin)) + os.sep if origin else os.sep + "\0"
+
+
+_TORCH_DIR = _package_dir("torch")
 _INTERNAL_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _STDLIB_DIRS = tuple(
     {
@@ -416,6 +423,64 @@ def scan_frame(frame: types.FrameType) -> Optional[GradDisableSite]:
     return scan_function(code.co_filename, code.co_name, code.co_firstlineno, frame.f_lineno)
 
 
+def _grad_switch(call: ast.Call) -> Optional[tuple[str, str]]:
+    """Classify a statement-level call as a grad switch: ``("off", kind)``, ``("restore", "")`` or ``None``.
+
+    Off: ``set_grad_enabled(False)`` (a literal: a variable is the usual way to restore
+    a saved mode), or ``__enter__()`` of ``no_grad()`` / ``inference_mode()`` /
+    ``set_grad_enabled(False)``. Restore: ``set_grad_enabled(<anything else>)``,
+    ``enable_grad().__enter__()``, or any ``__exit__(...)``.
+    """
+    name = dotted_name(call.func) or ""
+    tail = name.rsplit(".", 1)[-1]
+    if tail in ("set_grad_enabled", "_set_grad_enabled"):
+        mode = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "mode"), None)
+        return ("off", "set_grad_enabled") if _is_literal(mode, False) else ("restore", "")
+    if isinstance(call.func, ast.Attribute) and call.func.attr == "__exit__":
+        return ("restore", "")
+    if isinstance(call.func, ast.Attribute) and call.func.attr == "__enter__":
+        inner = call.func.value
+        kind = grad_disable_kind(inner) if isinstance(inner, ast.Call) else None
+        if kind is not None:
+            return ("off", kind)
+        if isinstance(inner, ast.Call) and (dotted_name(inner.func) or "").endswith("enable_grad"):
+            return ("restore", "")
+    return None
+
+
+def unrestored_grad_switches(filename: str) -> list[GradDisableSite]:
+    """Statements in ``filename`` that switch grad off and are not undone in the same function.
+
+    ``torch.set_grad_enabled(False)`` or ``torch.no_grad().__enter__()`` with no later
+    restore (``set_grad_enabled(True)`` / ``set_grad_enabled(saved)``, ``__exit__``) in
+    the same function body (or module body): the mode stays off for whatever the
+    caller runs next — an evaluation helper that leaves the training step without
+    autograd. ``with`` blocks and decorators always restore, so they never count.
+    """
+    tree = parse_file(filename)
+    if tree is None:
+        return []
+    found: list[GradDisableSite] = []
+    bodies: list[tuple[ast.AST, str]] = [(tree, "<module>")]
+    bodies += [
+        (node, node.name) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
+    for body, function in bodies:
+        switches: list[tuple[int, str, str, ast.Call]] = []
+        for node in _walk_own_body(body):
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+                hit = _grad_switch(node.value)
+                if hit is not None:
+                    switches.append((node.lineno, hit[0], hit[1], node.value))
+        switches.sort(key=lambda t: t[0])
+        for index, (line, what, kind, call) in enumerate(switches):
+            if what != "off" or any(w == "restore" for _, w, _, _ in switches[index + 1 :]):
+                continue
+            location = SourceLocation(filename, line, function, source_line(filename, line))
+            found.append(GradDisableSite(kind, "call", location, _render(call)))
+    return sorted(found, key=lambda site: site.location.line)
+
+
 def is_installed_path(path: str) -> bool:
     """True for files under ``site-packages`` / ``dist-packages``."""
     return any(marker in os.path.abspath(path) for marker in _INSTALLED_MARKERS)
@@ -439,5 +504,6 @@ __all__ = [
     "scan_frame",
     "scan_function",
     "source_line",
+    "unrestored_grad_switches",
 ]
 
