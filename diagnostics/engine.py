@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .blame import attribute_missing
-from .causes import CHECKS, Finding
+from .causes import CHECKS, Finding, not_trainable
 from .causes.grad_disabled import observe_caller
 from .causes.nan_loss import scalar
 from .context import DiagnosisContext, named_batch_tensors
@@ -239,6 +239,12 @@ def _freeze_sites(
     missing = [n for n in frozen_expected if n not in sites]
     if missing:
         sites.update(static_freeze_sites(ctx.model, missing, ctx.classifier))
+    missing = [n for n in missing if n not in sites]
+    if missing and not_trainable.is_peft(ctx.model):
+        # Frozen by the library: the user's statement is the get_peft_model(...) call.
+        site = not_trainable.peft_freeze_site(ctx.classifier)
+        if site is not None:
+            sites.update({n: site for n in missing})
     return sites
 
 

@@ -67,7 +67,7 @@ class FreezeWatch(TorchFunctionMode):
                 self.last_grad_off = None
             elif torch.is_grad_enabled():  # an on -> off transition: keep the first switch
                 self.last_grad_off = self._location()
-        elif func is _REQUIRES_GRAD_ or func is _REQUIRES_GRAD_SET:
+        elif func is _REQUIRES_GRAD_ or func == _REQUIRES_GRAD_SET:
             value = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
             tensor = args[0] if args else None
             if isinstance(tensor, torch.Tensor):

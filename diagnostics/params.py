@@ -243,7 +243,14 @@ def check_expectations(
         site = None
         if freeze_sites:
             site = next((freeze_sites[n] for n in frozen if n in freeze_sites), None)
-        findings.append(not_trainable.frozen_expected(pattern, frozen, len(hits), site))
+        peft = not_trainable.is_peft(model)
+        names: list[str] = []
+        prefix = ""
+        if peft and hasattr(model, "get_base_model"):
+            base = model.get_base_model()
+            names = [n for n, _ in base.named_modules(remove_duplicate=False)]
+            prefix = next((n for n, m in model.named_modules() if m is base), "")
+        findings.append(not_trainable.frozen_expected(pattern, frozen, len(hits), site, peft, names, prefix))
     return findings
 
 

@@ -262,7 +262,7 @@ class _OpWatch(TorchFunctionMode):
                 trace._on_cut(func, args, kwargs)
             elif func is _SET_GRAD:
                 trace._on_set_grad(args)
-            elif func is _REQUIRES_GRAD_ or func is _REQUIRES_GRAD_SET:
+            elif func is _REQUIRES_GRAD_ or func == _REQUIRES_GRAD_SET:
                 trace._on_requires_grad(args, kwargs)
             elif not torch.is_grad_enabled():
                 trace._on_nograd(func, args, kwargs)
@@ -536,7 +536,7 @@ class ForwardTrace:
     def _on_nograd(self, func: Any, args: Any, kwargs: Any) -> None:
         self.busy = True
         try:
-            if func is _REQUIRES_GRAD_SET or func is _REQUIRES_GRAD_:
+            if func == _REQUIRES_GRAD_SET or func is _REQUIRES_GRAD_:
                 return
             tracked = [t for t in iter_tensors((args, kwargs), depth=2, limit=16) if t.requires_grad]
             if tracked:

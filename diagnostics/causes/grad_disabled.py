@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 #: ``Blame.reason`` of parameters cut because the caller's grad mode was off on entry.
 CALLER = "caller"
-_MAX_MODULE_FILES = 400  # bound on the static scan of loaded user modules
 
 NAME = "grad_disabled"
 ORDER = 10
@@ -139,23 +138,10 @@ def _module_methods(model: Any, classifier: "CodeClassifier") -> set[tuple[str, 
 
 def _unrestored_in_user_code(classifier: "CodeClassifier", user_frames: list[types.FrameType]) -> list["GradDisableSite"]:
     """Unrestored switches in the files of the stack's user frames first, then other user modules."""
-    from ..source import unrestored_grad_switches
+    from ..source import unrestored_grad_switches, user_source_files
 
-    files: list[str] = []
-    for f in user_frames:
-        if f.f_code.co_filename not in files:
-            files.append(f.f_code.co_filename)
-    main = sys.modules.get("__main__")
-    modules = ([main] if main is not None else []) + list(sys.modules.values())
-    for module in modules:
-        filename = getattr(module, "__file__", None)
-        if len(files) >= _MAX_MODULE_FILES:
-            break
-        if isinstance(filename, str) and filename.endswith(".py") and filename not in files:
-            if classifier.kind(filename) == "user":
-                files.append(filename)
     sites: list["GradDisableSite"] = []
-    for filename in files:
+    for filename in user_source_files(classifier, user_frames):
         sites.extend(unrestored_grad_switches(filename))
     return sites
 

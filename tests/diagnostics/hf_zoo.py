@@ -67,10 +67,17 @@ def lora_llama(modules_to_save: Optional[list[str]] = None) -> Any:
     return get_peft_model(zoo.tiny_llama(), config)
 
 
+def lora_llama_base() -> Any:
+    """The tiny Llama LoRA is applied to (peft imported the way :func:`lora_llama` does)."""
+    import torch.distributed.tensor  # noqa: F401
+
+    return zoo.tiny_llama()
+
+
 def text_batch(batch_size: int = 2, length: int = 8) -> dict[str, torch.Tensor]:
     """Token ids with labels for the tiny Llama."""
     ids = torch.randint(0, zoo.VOCAB, (batch_size, length))
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-__all__ = ["IMAGE_TOKEN", "PROJECTOR", "llava_batch", "lora_llama", "text_batch", "tiny_llava"]
+__all__ = ["IMAGE_TOKEN", "PROJECTOR", "llava_batch", "lora_llama", "lora_llama_base", "text_batch", "tiny_llava"]
