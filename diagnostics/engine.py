@@ -16,6 +16,7 @@ untouched, train/eval mode untouched.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -208,9 +209,7 @@ def diagnose(
         autograd_dot=autograd_dot,
     )
     if lint:
-        from .lint import lint_for_report
-
-        report.lint = lint_for_report(model, findings, classifier)
+        report.lint = _lint(model, findings, classifier)
     report.stats = {
         "forward_s": round(forward_done - started, 4),
         "backward_s": round(backward_done - forward_done, 4),
@@ -267,6 +266,39 @@ def _run_backward(ctx: DiagnosisContext) -> None:
     finally:
         for p, grad in saved:
             p.grad = grad
+
+
+#: (model classes, finding lines, user roots) -> (file mtimes, lint findings); see :func:`_lint`.
+_LINT_CACHE: dict[tuple[Any, ...], tuple[tuple[tuple[str, float], ...], list[Any]]] = {}
+
+
+def _lint(model: nn.Module, findings: list[Finding], classifier: CodeClassifier) -> list[Any]:
+    """:func:`diagnostics.lint.lint_for_report`, memoised while the files involved are unchanged.
+
+    A training loop diagnoses the same model every N steps: the source does not change
+    between calls, and re-locating and re-walking it was a tenth of the diagnosis.
+    """
+    from .lint import lint_for_report
+
+    classes = frozenset(type(m) for m in model.modules())
+    key = (classes, tuple((f.file, f.line) for f in findings), classifier.user_roots)
+    files = {getattr(sys.modules.get(k.__module__), "__file__", None) for k in classes}
+    files.update(f.file for f in findings if f.file)
+    mtimes = []
+    for name in sorted(f for f in files if isinstance(f, str)):
+        try:
+            mtimes.append((name, os.stat(name).st_mtime))
+        except OSError:
+            mtimes.append((name, -1.0))
+    stamp = tuple(mtimes)
+    cached = _LINT_CACHE.get(key)
+    if cached is not None and cached[0] == stamp:
+        return list(cached[1])
+    result = lint_for_report(model, findings, classifier)
+    if len(_LINT_CACHE) > 32:
+        _LINT_CACHE.clear()
+    _LINT_CACHE[key] = (stamp, list(result))
+    return result
 
 
 def _run_error(stage: str, exc: BaseException, classifier: CodeClassifier) -> RunError:

@@ -519,10 +519,12 @@ class ForwardTrace:
     def _count_saved(self) -> None:
         """Attribute each saved storage, once, to the innermost call that saved it first."""
         params = set()
-        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-            ptr = _storage_ptr(tensor)
-            if ptr is not None:
-                params.add(ptr)
+        for module in self.model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for tensor in tensors.values():
+                    ptr = _storage_ptr(tensor) if tensor is not None else None
+                    if ptr is not None:
+                        params.add(ptr)
         seen: set[int] = set()
         for index, tensor in self._saved:
             ptr = _storage_ptr(tensor)
