@@ -1,358 +1,192 @@
 """Static scan of ``forward`` code for constructs that stop gradient.
 
 ``python -m diagnostics.lint PATH...`` parses each file (``ast``, nothing is
-imported or run), starts from every class's ``forward`` and follows the functions it
-calls in the same file (``self.method(...)`` and module-level functions), and reports:
+imported or run — not even torch), starts from every class's ``forward`` and follows
+the functions it calls in the same file (``self.method(...)`` and module-level
+functions), and reports:
 
-* grad-disabled blocks — ``with torch.no_grad()``, ``with torch.inference_mode()``,
-  ``torch.set_grad_enabled(False)`` and the decorators: *info* when the block only
-  calls modules named like an encoder / vision tower (the LLaVA pattern, fine when
-  nothing trainable is upstream), *warning* otherwise;
+* grad-disabled code — ``with torch.no_grad()``, ``with torch.inference_mode()``
+  (``mode=True`` / positional ``True`` too; ``inference_mode(False)`` is not disabling),
+  ``torch.set_grad_enabled(False)`` as a block or a statement, and the decorators with
+  or without a call (``@torch.no_grad``, ``@torch.no_grad()``), under any import
+  spelling (``import torch as T``, ``from torch import no_grad as ng``,
+  ``torch.autograd.grad_mode.no_grad``). The *innermost* grad context decides: a call
+  inside ``with torch.enable_grad():`` nested in ``no_grad`` runs with grad. A block is
+  *info* when the submodules it runs with grad off are all named like an encoder /
+  vision tower (the LLaVA pattern, fine when nothing trainable is upstream), *warning*
+  otherwise;
 * cuts — ``.detach()``, ``.data``, ``.numpy()``, ``.tolist()``, ``.item()``,
   ``torch.tensor(x)`` / ``torch.as_tensor(x)`` / ``torch.from_numpy(x)`` re-wraps:
   *warning* when the value flows to what the function returns, *info* otherwise.
 
-Output lines read ``path:line: severity: message``; ``--json`` prints
-``{"version": 1, "findings": [...]}``. Exit status 1 when any finding is a warning
-or an error, else 0; 2 when a path cannot be read.
+A file that cannot be parsed (a syntax error, binary content, text that does not
+decode) is never reported clean: it is an error naming ``file:line``, the other files
+are still scanned, and the exit status is 2. A UTF-8 BOM and PEP 263 encoding cookies
+are read as Python reads them. Non-Python files are skipped with a note.
+
+The rules live in :mod:`diagnostics.lint_rules`; this module reads paths and runs the CLI.
+
+Output lines read ``path:line: severity: message`` (stdout; errors and notes go to
+stderr); ``--json`` prints ``{"version": 2, "findings": [...], "errors": [...],
+"skipped": [...]}`` (version 2 added ``errors`` and ``skipped``). Exit status: 0 no
+warning, 1 at least one warning, 2 a path could not be read or parsed (or held no
+Python file) — 2 wins over 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
-import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from .source import display_path, dotted_name, grad_disable_kind, parse_file
+# Only torch-free modules here: `python -m diagnostics.lint` must start without torch.
+from .lint_rules import ENCODER_NAME, LintFinding, lint_tree
+from .syntax import UnparsableSourceError, display_path, read_module
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_CANNOT_RUN = 2
+JSON_VERSION = 2
 
-#: attribute names of modules that are normally frozen feature extractors.
-ENCODER_NAME = re.compile(r"enc|vision|visual|tower|image|ocr|sam|clip|vit|backbone|teacher|pixel", re.I)
-
-_CUT_METHODS = {"detach": ".detach()", "detach_": ".detach_()", "numpy": ".numpy()", "tolist": ".tolist()", "item": ".item()"}
-_REWRAPS = {"tensor", "as_tensor", "from_numpy"}
-
-
-@dataclass(frozen=True)
-class LintFinding:
-    """One static finding.
-
-    Attributes:
-        file: path of the file.
-        line: 1-based line.
-        severity: ``"warning"`` or ``"info"``.
-        kind: ``grad_disabled`` or ``detached`` (the engine's cause names).
-        message: what and why.
-        function: the function it is in (``Class.method``).
-    """
-
-    file: str
-    line: int
-    severity: str
-    kind: str
-    message: str
-    function: str
-
-    def to_text(self) -> str:
-        """``path:line: severity: message``."""
-        return f"{display_path(self.file)}:{self.line}: {self.severity}: {self.message}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "file": display_path(self.file),
-            "line": self.line,
-            "severity": self.severity,
-            "kind": self.kind,
-            "message": self.message,
-            "function": self.function,
-        }
-
-
-def _self_callees(nodes: Iterable[ast.AST]) -> list[str]:
-    """Names X of ``self.X(...)`` / ``self.X.y(...)`` calls among ``nodes``."""
-    names = []
-    for node in nodes:
-        for sub in ast.walk(node):
-            if isinstance(sub, ast.Call):
-                name = dotted_name(sub.func)
-                if name and name.startswith("self.") and name.count(".") >= 1:
-                    names.append(name.split(".")[1])
-    return names
-
-
-def _names_in(node: ast.AST) -> set[str]:
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-
-
-def _target_names(target: ast.AST) -> set[str]:
-    """Names bound by an assignment target (``a``, ``a, b``); not ``self`` in ``self.x = ...``."""
-    if isinstance(target, ast.Name):
-        return {target.id}
-    if isinstance(target, (ast.Tuple, ast.List)):
-        return set().union(*(_target_names(e) for e in target.elts)) if target.elts else set()
-    if isinstance(target, ast.Starred):
-        return _target_names(target.value)
-    return set()
-
-
-class _FunctionLinter:
-    """Lint one function body."""
-
-    def __init__(self, filename: str, qualname: str, func: ast.AST, class_name: Optional[str]) -> None:
-        self.filename = filename
-        self.qualname = qualname
-        self.func = func
-        self.class_name = class_name or ""
-        self.findings: list[LintFinding] = []
-
-    def add(self, line: int, severity: str, kind: str, message: str) -> None:
-        self.findings.append(LintFinding(self.filename, line, severity, kind, message, self.qualname))
-
-    def run(self) -> list[LintFinding]:
-        func = self.func
-        for decorator in getattr(func, "decorator_list", []):
-            kind = grad_disable_kind(decorator)
-            if kind is None:
-                continue
-            text = f"@{ast.unparse(decorator)}"
-            if kind == "inference_mode":
-                self.add(
-                    decorator.lineno, "warning", "grad_disabled",
-                    f"{text} on {self.qualname}: everything it returns is an inference tensor; a trainable "
-                    "layer fed with it raises 'Inference tensors cannot be saved for backward', and "
-                    "nothing inside gets gradient",
-                )
-            else:
-                severity = "info" if ENCODER_NAME.search(self.class_name) else "warning"
-                self.add(
-                    decorator.lineno, severity, "grad_disabled",
-                    f"{text} on {self.qualname}: nothing it computes gets or passes gradient"
-                    + (" (fine for a frozen encoder with nothing trainable upstream)" if severity == "info" else ""),
-                )
-        body_nodes = list(ast.walk(func))
-        for node in body_nodes:
-            if isinstance(node, (ast.With, ast.AsyncWith)):
-                for item in node.items:
-                    kind = grad_disable_kind(item.context_expr)
-                    if kind is not None:
-                        self._with_block(node, item.context_expr)
-            elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
-                if grad_disable_kind(node.value) == "set_grad_enabled":
-                    self.add(
-                        node.lineno, "warning", "grad_disabled",
-                        f"`{ast.unparse(node.value)}` in {self.qualname}: grad stays disabled for everything "
-                        "after it (including the caller) until re-enabled — prefer a `with` block",
-                    )
-        self._cuts()
-        return self.findings
-
-    def _with_block(self, node: ast.AST, expr: ast.AST) -> None:
-        callees = _self_callees(getattr(node, "body", []))
-        unique = list(dict.fromkeys(callees))
-        statement = f"with {ast.unparse(expr)}"
-        others = [c for c in unique if not ENCODER_NAME.search(c)]
-        if unique and not others:
-            self.add(
-                node.lineno, "info", "grad_disabled",
-                f"`{statement}` around {', '.join('self.' + c for c in unique)} only — fine for a frozen "
-                "encoder with nothing trainable upstream",
-            )
-        elif not unique:
-            self.add(
-                node.lineno, "info", "grad_disabled",
-                f"`{statement}` in {self.qualname} calls no submodule — fine unless its result must carry gradient",
-            )
-        else:
-            self.add(
-                node.lineno, "warning", "grad_disabled",
-                f"`{statement}` runs {', '.join('self.' + c for c in others)} with grad disabled: if "
-                f"{'it is' if len(others) == 1 else 'they are'} trainable, or must carry gradient back to "
-                "something trainable, no gradient flows — keep only frozen encoders inside",
-            )
-
-    def _cuts(self) -> None:
-        func = self.func
-        cuts: list[tuple[ast.AST, str]] = []
-        for node in ast.walk(func):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-                attr = node.func.attr
-                if attr in _CUT_METHODS and not node.args:
-                    cuts.append((node, _CUT_METHODS[attr]))
-                elif attr in _REWRAPS and node.args:
-                    base = dotted_name(node.func.value)
-                    arg = node.args[0]
-                    if base in ("torch", "th") and not isinstance(arg, (ast.Constant, ast.List, ast.Tuple, ast.ListComp)):
-                        cuts.append((node, f"torch.{attr}(...) re-wrap"))
-            elif isinstance(node, ast.Attribute) and node.attr == "data" and isinstance(node.ctx, ast.Load):
-                cuts.append((node, ".data"))
-        if not cuts:
-            return
-        tainted_by: dict[int, set[str]] = {}
-        statements = [n for n in ast.walk(func) if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Return))]
-        for cut, _ in cuts:
-            names: set[str] = set()
-            for stmt in statements:
-                value = getattr(stmt, "value", None)
-                if value is None or not any(sub is cut for sub in ast.walk(value)):
-                    continue
-                if isinstance(stmt, ast.Return):
-                    names.add("<return>")
-                else:
-                    targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]  # type: ignore[attr-defined]
-                    for t in targets:
-                        names |= _target_names(t)
-            tainted_by[id(cut)] = names
-        # Propagate through assignments until nothing changes (order-insensitive).
-        for cut, _ in cuts:
-            names = tainted_by[id(cut)]
-            changed = True
-            while changed:
-                changed = False
-                for stmt in statements:
-                    value = getattr(stmt, "value", None)
-                    if value is None or not (_names_in(value) & names):
-                        continue
-                    if isinstance(stmt, ast.Return):
-                        if "<return>" not in names:
-                            names.add("<return>")
-                            changed = True
-                        continue
-                    targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]  # type: ignore[attr-defined]
-                    for t in targets:
-                        new = _target_names(t) - names
-                        if new:
-                            names |= new
-                            changed = True
-        # A re-wrap (torch.tensor(x)) is only suspicious when x itself came out of a cut:
-        # torch.tensor(list_of_ints) is ordinary bookkeeping.
-        cut_tainted: set[str] = set()
-        for cut, label in cuts:
-            if "re-wrap" not in label:
-                cut_tainted |= tainted_by[id(cut)]
-        for cut, label in cuts:
-            flows = "<return>" in tainted_by[id(cut)]
-            if "re-wrap" in label and flows:
-                arg = cut.args[0]  # type: ignore[attr-defined]
-                inner_cut = any(sub is other for sub in ast.walk(arg) for other, _ in cuts)
-                flows = inner_cut or bool(_names_in(arg) & cut_tainted)
-            code = ast.unparse(cut)
-            if len(code) > 60:
-                code = code[:57] + "..."
-            if flows:
-                self.add(
-                    cut.lineno, "warning", "detached",
-                    f"{label} in {self.qualname} (`{code}`) flows to what it returns: gradient stops there",
-                )
-            else:
-                self.add(
-                    cut.lineno, "info", "detached",
-                    f"{label} in {self.qualname} (`{code}`): no gradient through this value (fine for bookkeeping)",
-                )
-
-
-def lint_tree(tree: ast.Module, filename: str) -> list[LintFinding]:
-    """Lint an already-parsed module."""
-    functions: dict[str, ast.AST] = {
-        n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-    }
-    findings: list[LintFinding] = []
-    emitted: set[int] = set()
-    classes = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
-    by_name = {c.name: c for c in classes}
-
-    def resolve(cls: ast.ClassDef, depth: int = 0) -> dict[str, tuple[str, ast.AST]]:
-        """Methods visible on ``cls``: its own, then those of bases defined in this file."""
-        methods: dict[str, tuple[str, ast.AST]] = {
-            m.name: (cls.name, m) for m in cls.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))
-        }
-        if depth < 10:
-            for base in cls.bases:
-                base_cls = by_name.get(dotted_name(base) or "")
-                if base_cls is not None and base_cls is not cls:
-                    for k, v in resolve(base_cls, depth + 1).items():
-                        methods.setdefault(k, v)
-        return methods
-
-    plain_bases = {"Module", "nn.Module", "torch.nn.Module", "object"}
-    for cls in classes:
-        methods = resolve(cls)
-        roots = [methods["forward"]] if "forward" in methods else []
-        # A subclass of a model defined elsewhere (class Mine(MEMModel)) may override methods the
-        # inherited forward calls: every method it defines is a root.
-        inherits_forward = "forward" not in methods and any(
-            (dotted_name(b) or "") not in plain_bases and dotted_name(b) not in by_name for b in cls.bases
-        )
-        if inherits_forward:
-            roots += [
-                (cls.name, m) for m in cls.body
-                if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and m.name != "forward"
-                and not m.name.startswith("__")
-            ]
-        if not roots:
-            continue
-        queue: list[tuple[str, ast.AST, Optional[str]]] = [(f"{owner}.{func.name}", func, owner) for owner, func in roots]
-        visited: set[int] = set()
-        while queue:
-            qualname, func, class_name = queue.pop()
-            if id(func) in visited:
-                continue
-            visited.add(id(func))
-            if id(func) not in emitted:
-                emitted.add(id(func))
-                findings.extend(_FunctionLinter(filename, qualname, func, class_name).run())
-            for node in ast.walk(func):
-                if not isinstance(node, ast.Call):
-                    continue
-                name = dotted_name(node.func)
-                if name is None:
-                    continue
-                if name.startswith("self.") and name.count(".") == 1 and name[5:] in methods:
-                    owner, method = methods[name[5:]]
-                    queue.append((f"{owner}.{name[5:]}", method, owner))
-                elif "." not in name and name in functions:
-                    queue.append((name, functions[name], None))
-    findings.sort(key=lambda f: (f.file, f.line))
-    return findings
-
+#: directories never descended into when a directory is scanned.
+_SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "node_modules"}
+_PY_SUFFIXES = {".py", ".pyw"}
 
 _LINT_CACHE: dict[str, tuple[float, list[LintFinding]]] = {}
 
 
 def lint_file(path: str | os.PathLike[str]) -> list[LintFinding]:
-    """Lint one file. Raises ``OSError`` when it cannot be read; syntax errors give no findings."""
+    """Lint one Python file.
+
+    Raises:
+        OSError: the file cannot be read.
+        UnparsableSourceError: it is not parsable Python (syntax error, binary, undecodable);
+            the exception carries ``file``, ``line`` and ``reason``. A file that cannot be
+            parsed is never "no findings".
+    """
     filename = os.fspath(path)
     mtime = Path(filename).stat().st_mtime  # raises OSError for a missing file
     cached = _LINT_CACHE.get(filename)
     if cached is not None and cached[0] == mtime:
         return list(cached[1])
-    tree = parse_file(filename)
-    findings = lint_tree(tree, filename) if tree is not None else []
+    _, tree = read_module(filename)
+    findings = lint_tree(tree, filename)
     _LINT_CACHE[filename] = (mtime, findings)
     return list(findings)
 
 
-def lint_paths(paths: Sequence[str | os.PathLike[str]]) -> list[LintFinding]:
-    """Lint files and directories (``*.py`` below them, skipping hidden/venv dirs)."""
-    findings: list[LintFinding] = []
-    for path in paths:
-        p = Path(path)
-        if p.is_dir():
-            for file in sorted(p.rglob("*.py")):
-                if any(part.startswith(".") or part in ("__pycache__", "site-packages") for part in file.parts[len(p.parts):]):
+@dataclass
+class LintRun:
+    """What one scan of several paths found.
+
+    Attributes:
+        findings: the lint findings of every file that parsed.
+        errors: ``(file, line or None, message)`` for each path that could not be read or
+            parsed — nothing in those was checked.
+        skipped: ``(path, why)`` for non-Python files left out.
+        scanned: how many Python files were linted.
+    """
+
+    findings: list[LintFinding] = field(default_factory=list)
+    errors: list[tuple[str, Optional[int], str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    scanned: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        """2 when anything could not be checked, else 1 on a warning, else 0."""
+        if self.errors or not self.scanned:
+            return EXIT_CANNOT_RUN
+        return EXIT_FINDINGS if any(f.severity in ("warning", "error") for f in self.findings) else EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": JSON_VERSION,
+            "findings": [f.to_json() for f in self.findings],
+            "errors": [{"file": display_path(f), "line": line, "message": msg} for f, line, msg in self.errors],
+            "skipped": [{"file": display_path(f), "reason": why} for f, why in self.skipped],
+        }
+
+
+def _looks_like_python(path: Path) -> bool:
+    """A ``.py`` file, or an extension-less script whose ``#!`` line names python."""
+    if path.suffix in _PY_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as handle:
+            first = handle.readline(200)
+    except OSError:
+        return False
+    return first.startswith(b"#!") and b"python" in first
+
+
+def _scan_file(path: Path, run: LintRun) -> None:
+    try:
+        run.findings.extend(lint_file(path))
+        run.scanned += 1
+    except UnparsableSourceError as exc:
+        run.errors.append((exc.file, exc.line, f"{exc.reason} — nothing in this file was checked; fix it "
+                           f"(`python -m py_compile {display_path(exc.file)}` shows what Python sees)"))
+    except OSError as exc:
+        run.errors.append((os.fspath(path), None, f"cannot read it: {exc.strerror or exc} — check that it exists and is readable"))
+    except Exception as exc:  # noqa: BLE001 - a scanner bug must not hide the file or print a traceback
+        run.errors.append((os.fspath(path), None, f"could not be scanned ({type(exc).__name__}: {exc}); "
+                           "please report this with the file"))
+
+
+def scan_paths(paths: Sequence[str | os.PathLike[str]]) -> LintRun:
+    """Lint files and directories (``*.py`` below them, skipping hidden / venv / cache dirs).
+
+    Never raises for a bad path: missing, unreadable and unparsable files become
+    :attr:`LintRun.errors`; non-Python files become :attr:`LintRun.skipped`.
+    """
+    run = LintRun()
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            others: list[Path] = []
+            for file in sorted(path.rglob("*")):
+                rel = file.parts[len(path.parts):]
+                if any(part.startswith(".") or part in _SKIP_DIRS or part.endswith(".egg-info") for part in rel[:-1]):
                     continue
-                findings.extend(lint_file(file))
+                if rel and rel[-1].startswith(".") or not file.is_file():
+                    continue
+                if file.suffix in _PY_SUFFIXES:
+                    _scan_file(file, run)
+                else:
+                    others.append(file)
+            if others:
+                examples = ", ".join(f.name for f in others[:3]) + (", ..." if len(others) > 3 else "")
+                run.skipped.append((os.fspath(path), f"{len(others)} non-Python file(s) not scanned ({examples})"))
+        elif path.is_file():
+            if _looks_like_python(path):
+                _scan_file(path, run)
+            else:
+                run.skipped.append((os.fspath(path), "not a Python file (no .py suffix, no python #! line)"))
+        elif path.exists():
+            run.errors.append((os.fspath(path), None, "is neither a file nor a directory"))
         else:
-            findings.extend(lint_file(p))
-    return findings
+            run.errors.append((os.fspath(path), None, "no such file or directory — check the path"))
+    run.findings.sort(key=lambda f: (f.file, f.line))
+    return run
+
+
+def lint_paths(paths: Sequence[str | os.PathLike[str]]) -> list[LintFinding]:
+    """The findings of :func:`scan_paths`.
+
+    Raises:
+        UnparsableSourceError: the first path that could not be read or parsed (after
+            scanning all of them): a caller never mistakes an unchecked file for a clean one.
+    """
+    run = scan_paths(paths)
+    if run.errors:
+        file, line, message = run.errors[0]
+        raise UnparsableSourceError(file, line, message)
+    return run.findings
 
 
 def lint_for_report(model: Any, findings: Sequence[Any], classifier: Any) -> list[LintFinding]:
@@ -390,8 +224,8 @@ def lint_for_report(model: Any, findings: Sequence[Any], classifier: Any) -> lis
                     continue  # another class in the same file: not part of this model
                 if lint.severity != "info" or (os.path.abspath(lint.file), lint.line) in named_lines:
                     out.append(lint)
-        except OSError:
-            continue
+        except (OSError, UnparsableSourceError):
+            continue  # the runtime report stands on its own; `python -m diagnostics.lint` names the file
     return out
 
 
@@ -401,9 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m diagnostics.lint",
         description=(
             "Statically scan forward() methods (and the same-file functions they call) for code that "
-            "stops gradient: no_grad / inference_mode / set_grad_enabled(False) blocks and decorators, "
-            ".detach(), .data, .numpy(), .tolist(), .item() and torch.tensor re-wraps. Nothing is imported "
-            "or executed. For the runtime truth use `python -m diagnostics.grad_flow`."
+            "stops gradient: no_grad / inference_mode / set_grad_enabled(False) blocks, statements and "
+            "decorators (any import spelling; the innermost grad context decides), .detach(), .data, "
+            ".numpy(), .tolist(), .item() and tensor(x) / as_tensor(x) / from_numpy(x) re-wraps. Nothing is "
+            "imported or executed. "
+            "For the runtime truth use `python -m diagnostics.grad_flow`."
         ),
         epilog=(
             "examples:\n"
@@ -411,29 +247,56 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m diagnostics.lint src/ --json > lint.json\n\n"
             "severities: info = usually fine (e.g. no_grad around a frozen vision encoder only);\n"
             "warning = gradient probably stops here.\n"
-            "exit status: 0 no warning, 1 at least one warning, 2 a path could not be read."
+            "Files that cannot be parsed (syntax error, binary, not UTF-8) are errors on stderr naming\n"
+            "file:line; the other files are still scanned. Non-Python files are skipped with a note.\n\n"
+            "exit status:\n"
+            f"  {EXIT_OK}  no warning\n"
+            f"  {EXIT_FINDINGS}  at least one warning\n"
+            f"  {EXIT_CANNOT_RUN}  a path was missing, unreadable or unparsable, no Python file was given,\n"
+            "     or the command line was wrong (wins over 1)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="Python files or directories to scan")
-    parser.add_argument("--json", action="store_true", help="print JSON ({'version': 1, 'findings': [...]})")
+    parser.add_argument(
+        "--json", action="store_true",
+        help=f"print JSON ({{'version': {JSON_VERSION}, 'findings': [...], 'errors': [...], 'skipped': [...]}})",
+    )
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        findings = lint_paths(args.paths)
-    except OSError as exc:
-        print(f"diagnostics.lint: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
+def _run(args: argparse.Namespace) -> int:
+    run = scan_paths(args.paths)
     if args.json:
-        print(json.dumps({"version": 1, "findings": [f.to_json() for f in findings]}, indent=2))
+        print(json.dumps(run.to_json(), indent=2))
     else:
-        for finding in findings:
+        for finding in run.findings:
             print(finding.to_text())
-    return EXIT_FINDINGS if any(f.severity in ("warning", "error") for f in findings) else EXIT_OK
+    for path, why in run.skipped:
+        print(f"diagnostics.lint: note: skipped {display_path(path)}: {why}", file=sys.stderr)
+    for path, line, message in run.errors:
+        where = f"{display_path(path)}:{line}" if line else display_path(path)
+        print(f"diagnostics.lint: error: {where}: {message}", file=sys.stderr)
+    if not run.scanned and not run.errors:
+        print(
+            "diagnostics.lint: error: no Python file among the paths given — pass .py files or directories "
+            "holding them",
+            file=sys.stderr,
+        )
+    return run.exit_code
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point; returns the exit status (never raises, never prints a traceback)."""
+    args = build_parser().parse_args(argv)  # exits 2 with usage on a bad command line
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("diagnostics.lint: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: a one-line cause, exit 2, no traceback
+        print(f"diagnostics.lint: error: {type(exc).__name__}: {exc} (please report this)", file=sys.stderr)
+        return EXIT_CANNOT_RUN
 
 
 __all__ = [
@@ -441,13 +304,17 @@ __all__ = [
     "EXIT_CANNOT_RUN",
     "EXIT_FINDINGS",
     "EXIT_OK",
+    "JSON_VERSION",
     "LintFinding",
+    "LintRun",
+    "UnparsableSourceError",
     "build_parser",
     "lint_file",
     "lint_for_report",
     "lint_paths",
     "lint_tree",
     "main",
+    "scan_paths",
 ]
 
 if __name__ == "__main__":

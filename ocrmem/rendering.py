@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import ConfigError, MissingGlyphWarning
+from .errors import ConfigError, InputTypeError, MissingGlyphWarning
 
 # ----------------------------------------------------------------------------- constants
 
@@ -326,6 +326,38 @@ class _Layout:
         return slice(page * self.lines_per_page, (page + 1) * self.lines_per_page)
 
 
+class TextStats(NamedTuple):
+    """:meth:`PageRenderer.text_stats` of one text."""
+
+    pages: int  # pages the whole text needs
+    kept_pages: int  # pages drawn under max_pages (the most recent ones)
+    dropped_chars: int  # oldest characters max_pages leaves out
+    drawn_chars: int  # characters on the kept pages
+    missing_chars: int  # of those, drawn as empty boxes: the font has no glyph
+    missing_distinct: frozenset[str]  # which characters those are
+
+
+def check_text(text: object, name: str = "text") -> str:
+    """``text`` if it is a ``str``; else a TypeError naming it (bytes: say to decode).
+
+    Raises:
+        InputTypeError: ``text`` is ``None``, ``bytes``, a list, a number...
+    """
+    if isinstance(text, str):
+        return text
+    if isinstance(text, (bytes, bytearray)):
+        fix = f"decode it first: `{name}.decode('utf-8')`."
+    elif isinstance(text, (list, tuple)):
+        fix = f"join the pieces first: `''.join({name})`, or render each one separately."
+    elif text is None:
+        fix = "pass '' for no text."
+    else:
+        fix = f"convert it first: `str({name})`."
+    shown = repr(text)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise InputTypeError(f"`{name}` to render has type {type(text).__name__} ({shown}), not a str; {fix}")
+
+
 def _check_int(name: str, value: object, minimum: int, hint: str) -> int:
     # bool is an int subclass, but font_size=True is surely a mistake.
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
@@ -426,6 +458,7 @@ class PageRenderer:
     def _layout(self, text: str) -> _Layout:
         """Greedy wrap by pixel width: at the last space that fits, between CJK characters, or
         (for a word longer than a line) at the last character that fits."""
+        check_text(text)
         # surrogatepass: a lone surrogate (bad decoding upstream) must not crash a worker;
         # it becomes an invisible character.
         code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
@@ -488,6 +521,32 @@ class PageRenderer:
             The page count :meth:`render` returns with ``max_pages=None`` (0 for ``""``).
         """
         return self._layout(text).num_pages
+
+    def text_stats(self, text: str, max_pages: int | None = None) -> TextStats:
+        """What rendering ``text`` would give, without drawing it (for data summaries).
+
+        Args:
+            text: The text to lay out.
+            max_pages: As in :meth:`render`.
+
+        Returns:
+            Pages needed and kept, the characters ``max_pages`` drops, and the characters on the
+            kept pages the font has no glyph for.
+        """
+        layout = self._layout(text)
+        pages = self._kept_pages(layout, max_pages, warn=False)
+        first_char = int(layout.line_starts[pages.start * layout.lines_per_page]) if len(pages) else len(text)
+        gids = layout.glyph_ids[first_char:]
+        missing = layout.glyphs.missing[gids]
+        distinct = frozenset(self.atlas.chars[g] for g in np.unique(gids[missing]).tolist())
+        return TextStats(
+            pages=layout.num_pages,
+            kept_pages=len(pages),
+            dropped_chars=first_char if len(pages) < layout.num_pages else 0,
+            drawn_chars=len(text) - first_char,
+            missing_chars=int(missing.sum()),
+            missing_distinct=distinct,
+        )
 
     def _kept_pages(self, layout: _Layout, max_pages: int | None, warn: bool) -> range:
         """The pages to draw: all, or the last ``max_pages`` (the most recent history)."""
@@ -686,7 +745,17 @@ class PageRenderer:
         elif len(pages) == 0:
             array = np.zeros((0, size, size, 3), dtype=np.uint8)
         else:
+            for i, page in enumerate(pages):
+                if not isinstance(page, Image.Image):
+                    raise InputTypeError(
+                        f"`pages[{i}]` has type {type(page).__name__}; pass PIL images or one uint8 array (P, S, S, 3)."
+                    )
             array = np.stack([np.asarray(p if p.mode == "RGB" else p.convert("RGB")) for p in pages])
+        if array.dtype != np.uint8:
+            raise InputTypeError(
+                f"`pages` is an array of dtype {array.dtype}; pass uint8 pixels 0..255 (P, S, S, 3), as render_array "
+                "returns them (a float array of 0..1 would be scaled wrongly: use (array * 255).round().astype(np.uint8))."
+            )
         if array.ndim != 4 or array.shape[1:] != (size, size, 3):
             raise ConfigError(
                 f"`pages` must be {size}x{size} RGB pages (array shape (P, {size}, {size}, 3)), got shape "
@@ -767,6 +836,8 @@ __all__ = [
     "DEFAULT_FONT_CANDIDATES",
     "MIN_FONT_SIZE",
     "PageRenderer",
+    "TextStats",
+    "check_text",
     "default_font_path",
     "pixel_values_from_text",
     "render_baseline",

@@ -20,11 +20,10 @@ import random
 import sys
 from pathlib import Path
 
-import torch
+from .fileio import default_file_mode
 
-from . import compat
-from .configuration import MEMConfig
-from .encoder import DeepEncoder, DeepEncoderSpec, save_deepencoder
+# torch, transformers and the model modules are imported inside write_tiny (fileio is
+# torch-free): `python -m ocrmem.tiny --help` and a bad argument answer before seconds of imports.
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
 TINY_VOCAB = 1024  # byte-level BPE merges; the 4 specials come after (ids 1024..1027)
@@ -102,10 +101,15 @@ def write_tiny(
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    from .modeling import MEMModel
+    import torch
 
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
+    from . import compat
+    from .configuration import MEMConfig
+    from .encoder import DeepEncoder, DeepEncoderSpec, save_deepencoder
+    from .modeling import MEMModel
+    from .validation import output_dir
+
+    root = output_dir(path, "write_tiny")
     tokenizer = build_tiny_tokenizer(seed)
 
     config_cls, model_cls = compat.tiny_llm_classes()
@@ -136,14 +140,34 @@ def write_tiny(
     )
     model = MEMModel(config, model_dir=root)
     model.save_pretrained(root)
+    _make_readable([*(root / "llm").iterdir(), *(root / "ocr").iterdir()])
     return root
 
 
+def _make_readable(files: list[Path]) -> None:
+    """Give the files the preset wrote the mode ``open()`` would (0644 under umask 022).
+
+    safetensors (>= 0.6) writes 0600 whatever the umask, and so do writes through ``mkstemp``;
+    a model directory should read like any other files (shared caches, containers, other users).
+    """
+    mode = default_file_mode()
+    for file in files:
+        if file.is_file():
+            file.chmod(mode)
+
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ocrmem.tiny DIR``; returns the exit status (0 written, 2 bad arguments or DIR)."""
     parser = argparse.ArgumentParser(
         prog="python -m ocrmem.tiny",
         description="Write the tiny OCR-memory preset (random weights, no network) into DIR.",
-        epilog="Then: MEMModel.from_pretrained(DIR), or python -m diagnostics.grad_flow DIR",
+        epilog="Then: MEMModel.from_pretrained(DIR), or python -m diagnostics.grad_flow DIR\n\n"
+        "exit status: 0 written; 2 bad arguments, or DIR cannot be written (one line on stderr says why).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("dir", help="output directory (DIR/llm, DIR/ocr and the MEMModel itself in DIR)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random weight (default 0)")
@@ -151,13 +175,33 @@ def main(argv: list[str] | None = None) -> int:
         "--readout", choices=("tokens_plus_clip", "deepseek_ocr"), default="tokens_plus_clip",
         help="encoder read-out: the user's package (tokens_plus_clip) or DeepSeek-OCR's own",
     )
-    args = parser.parse_args(argv)
-    root = write_tiny(args.dir, seed=args.seed, readout=args.readout)
-    print(f"wrote tiny MEMModel to {root}/ (llm/, ocr/, config.json, {'model.safetensors'})")
-    return 0
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
+        return int(exit_.code or 0)
+    target = Path(args.dir)
+    blocker = next((p for p in (target, *target.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        print(f"{parser.prog}: error: `{blocker}` is a file, so DIR `{target}` cannot be created there; "
+              "give a new or existing directory", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"writing the tiny MEMModel to {target}/ ...", file=sys.stderr, flush=True)
+    from .errors import OcrMemError
+
+    try:
+        root = write_tiny(target, seed=args.seed, readout=args.readout)
+    except OSError as err:
+        print(f"{parser.prog}: error: cannot write `{target}`: {err.strerror or err}; "
+              "give a directory you can write to", file=sys.stderr)
+        return EXIT_USAGE
+    except OcrMemError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote tiny MEMModel to {root}/ (llm/, ocr/, config.json, model.safetensors)")
+    return EXIT_OK
 
 
-__all__ = ["SPECIAL_TOKENS", "TINY_LLM", "build_tiny_tokenizer", "main", "write_tiny"]
+__all__ = ["EXIT_OK", "EXIT_USAGE", "SPECIAL_TOKENS", "TINY_LLM", "build_tiny_tokenizer", "main", "write_tiny"]
 
 if __name__ == "__main__":
     sys.exit(main())
