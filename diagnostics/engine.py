@@ -16,6 +16,8 @@ untouched, train/eval mode untouched.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import traceback
 from collections.abc import Mapping
@@ -25,7 +27,8 @@ import torch
 from torch import nn
 
 from .blame import attribute_missing
-from .causes import CHECKS, Finding
+from .causes import CHECKS, Finding, not_trainable
+from .causes.grad_disabled import observe_caller
 from .causes.nan_loss import scalar
 from .context import DiagnosisContext, named_batch_tensors
 from .errors import LossNotFoundError
@@ -129,9 +132,11 @@ def diagnose(
     """
     started = time.perf_counter()
     classifier = CodeClassifier(user_roots)
+    caller = observe_caller(classifier, sys._getframe(1), model)
     level = report_level_modules(model)
     ctx = DiagnosisContext.for_model(model, classifier, level)
     ctx.batch = batch
+    ctx.caller = caller
     ctx.batch_names = {id(t): key for key, t in named_batch_tensors(batch)}
 
     # 1. parameters and expectations
@@ -147,7 +152,9 @@ def diagnose(
     ctx.trace = trace
     output: Any = None
     forward_fn = forward or (lambda m, b: run_forward(m, b))
-    with torch.inference_mode(False), torch.enable_grad():
+    # In the caller's own grad mode (a step run with grad off is the bug to report, not
+    # to fix); the block restores the mode on exit whatever the forward switched.
+    with torch.set_grad_enabled(caller.grad_enabled):
         try:
             with trace:
                 output = forward_fn(model, batch)
@@ -202,9 +209,7 @@ def diagnose(
         autograd_dot=autograd_dot,
     )
     if lint:
-        from .lint import lint_for_report
-
-        report.lint = lint_for_report(model, findings, classifier)
+        report.lint = _lint(model, findings, classifier)
     report.stats = {
         "forward_s": round(forward_done - started, 4),
         "backward_s": round(backward_done - forward_done, 4),
@@ -233,6 +238,12 @@ def _freeze_sites(
     missing = [n for n in frozen_expected if n not in sites]
     if missing:
         sites.update(static_freeze_sites(ctx.model, missing, ctx.classifier))
+    missing = [n for n in missing if n not in sites]
+    if missing and not_trainable.is_peft(ctx.model):
+        # Frozen by the library: the user's statement is the get_peft_model(...) call.
+        site = not_trainable.peft_freeze_site(ctx.classifier)
+        if site is not None:
+            sites.update({n: site for n in missing})
     return sites
 
 
@@ -255,6 +266,39 @@ def _run_backward(ctx: DiagnosisContext) -> None:
     finally:
         for p, grad in saved:
             p.grad = grad
+
+
+#: (model classes, finding lines, user roots) -> (file mtimes, lint findings); see :func:`_lint`.
+_LINT_CACHE: dict[tuple[Any, ...], tuple[tuple[tuple[str, float], ...], list[Any]]] = {}
+
+
+def _lint(model: nn.Module, findings: list[Finding], classifier: CodeClassifier) -> list[Any]:
+    """:func:`diagnostics.lint.lint_for_report`, memoised while the files involved are unchanged.
+
+    A training loop diagnoses the same model every N steps: the source does not change
+    between calls, and re-locating and re-walking it was a tenth of the diagnosis.
+    """
+    from .lint import lint_for_report
+
+    classes = frozenset(type(m) for m in model.modules())
+    key = (classes, tuple((f.file, f.line) for f in findings), classifier.user_roots)
+    files = {getattr(sys.modules.get(k.__module__), "__file__", None) for k in classes}
+    files.update(f.file for f in findings if f.file)
+    mtimes = []
+    for name in sorted(f for f in files if isinstance(f, str)):
+        try:
+            mtimes.append((name, os.stat(name).st_mtime))
+        except OSError:
+            mtimes.append((name, -1.0))
+    stamp = tuple(mtimes)
+    cached = _LINT_CACHE.get(key)
+    if cached is not None and cached[0] == stamp:
+        return list(cached[1])
+    result = lint_for_report(model, findings, classifier)
+    if len(_LINT_CACHE) > 32:
+        _LINT_CACHE.clear()
+    _LINT_CACHE[key] = (stamp, list(result))
+    return result
 
 
 def _run_error(stage: str, exc: BaseException, classifier: CodeClassifier) -> RunError:
