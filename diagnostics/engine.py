@@ -122,7 +122,7 @@ def diagnose(
     expect_trainable: Optional[Sequence[str]] = None,
     *,
     forward: Optional[ForwardFn] = None,
-    backward: bool = True,
+    backward: bool | str = True,
     user_roots: Optional[Sequence[str]] = None,
     freeze_sites: Optional[dict[str, SourceLocation]] = None,
     lint: bool = True,
@@ -139,7 +139,12 @@ def diagnose(
         expect_trainable: parameter-name prefixes (``"proj"``) or fnmatch patterns
             (``"*lora_*"``) that must exist and be trainable.
         forward: ``forward(model, batch) -> output`` replacing the default call.
-        backward: run ``loss.backward()`` and check the gradients (restored after).
+        backward: how gradients are computed and checked. ``True``/``"backward"``: run
+            ``loss.backward()`` (every ``.grad`` restored after); ``"autograd_grad"``:
+            ``torch.autograd.grad(loss, params)``, which returns the gradients without
+            running ``AccumulateGrad``, so ``.grad`` is never written and post-accumulate
+            hooks (DDP's reducer, DeepSpeed ZeRO's reduction) do not fire;
+            ``False``/``"none"``: no backward, answer from the autograd graph only.
         user_roots: directories holding the user's code (default: the working
             directory); frames there are what findings point at.
         freeze_sites: parameter name -> where it was frozen (from
@@ -217,7 +222,22 @@ def diagnose(
     got_grad: Optional[set[int]] = None
     grad_values: dict[int, torch.Tensor] = {}
     backward_ran = False
-    if backward and loss is not None and loss.requires_grad:
+    mode = {True: "backward", False: "none"}.get(backward, backward)  # type: ignore[call-overload]
+    if mode not in ("backward", "autograd_grad", "none"):
+        raise ValueError(f"backward={backward!r}: use True/'backward', 'autograd_grad' or False/'none'.")
+    # Reentrant checkpointing cannot run under autograd.grad(inputs=...): answer from the graph there.
+    if mode == "autograd_grad" and loss is not None and loss.requires_grad and not graph.checkpoint_nodes:
+        leaves = [p for _, p in named if p.requires_grad]
+        leaves += [v for k, v in graph.reached.items() if k not in names and v.requires_grad]
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            backward_ran = True
+            grad_values = {id(p): g for p, g in zip(leaves, grads) if g is not None}
+            got_grad = {pid for pid in grad_values if pid in trainable}
+        except Exception as exc:
+            run_error = _run_error("backward", exc, classifier)
+    elif mode == "backward" and loss is not None and loss.requires_grad:
         extra_leaves = [v for k, v in graph.reached.items() if k not in names]
         everyone = [p for _, p in named] + extra_leaves
         saved = [(p, p.grad) for p in everyone]

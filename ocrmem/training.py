@@ -119,6 +119,29 @@ class AdapterOnlyTrainer(Trainer):
         check_optimizer_params(self.model, optimizer)
         return optimizer
 
+    # ------------------------------------------------------------------ gradients
+
+    def create_accelerator_and_postprocess(self, *args: Any, **kwargs: Any) -> Any:
+        """HF's accelerator, with ``clip_grad_norm_`` telling callbacks first that gradients are final.
+
+        Every supported transformers version computes ``grad_norm`` through
+        ``accelerator.clip_grad_norm_`` once per optimizer step, after DDP's all-reduce and
+        before clipping; callbacks with ``on_gradients_ready(state)`` (GradFlowCallback) read
+        their gradient norm there, so ``proj_grad_norm`` and ``grad_norm`` describe the same tensors.
+        """
+        result = super().create_accelerator_and_postprocess(*args, **kwargs)
+        clip = self.accelerator.clip_grad_norm_
+
+        def clip_grad_norm_(*c_args: Any, **c_kwargs: Any) -> Any:
+            for callback in self.callback_handler.callbacks if hasattr(self, "callback_handler") else ():
+                ready = getattr(callback, "on_gradients_ready", None)
+                if callable(ready):
+                    ready(self.state)
+            return clip(*c_args, **c_kwargs)
+
+        self.accelerator.clip_grad_norm_ = clip_grad_norm_
+        return result
+
     # ------------------------------------------------------------------ logging
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
