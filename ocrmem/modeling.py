@@ -434,9 +434,10 @@ class MEMModel(PreTrainedModel):
                 f"Memory features and memory tokens do not match: tokens: {n_tokens}, features: 0 (no pixel_values)."
             )
         zero_term = None
-        if not num_pages and labels is not None and torch.is_grad_enabled() and self.config.empty_memory_policy != "error":
+        skip_loss = labels is not None and torch.is_grad_enabled() and self.config.empty_memory_policy != "error"
+        if not num_pages and (skip_loss or any(_is_sharded(p) for p in self.proj.parameters())):
             # Before the LLM, where a batch with memory runs the encoder and proj: ZeRO-3 / FSDP
-            # gather parameters module by module, in the same order on every rank.
+            # gather parameters module by module, in the same order on every rank (in eval too).
             zero_term = self._zero_memory_pass(inputs_embeds)
 
         llm_out = self.base_llm(

@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     opt.add_argument("--seed", type=int, default=0, help="seeds data, proj init and training (default 0)")
     opt.add_argument("--activation-checkpointing", action="store_true", help="checkpoint the LLM's layers (non-reentrant) to save memory")
-    opt.add_argument("--deepspeed", metavar="CONFIG.json", help="DeepSpeed config passed to TrainingArguments (needs deepspeed + CUDA GPUs)")
+    opt.add_argument("--deepspeed", metavar="CONFIG.json", help="DeepSpeed config passed to TrainingArguments (needs deepspeed and a launcher: torchrun or deepspeed); e.g. examples/ds_zero2_bf16.json")
+    opt.add_argument("--ddp-timeout", type=int, default=1800, metavar="S",
+                     help="seconds any collective of a multi-process run waits for the other ranks before failing (default 1800)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--num-examples", type=int, default=512, help="synthetic examples, reused across epochs (default 512)")
@@ -128,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(opts: argparse.Namespace) -> None:
     """Raise :class:`UsageError` for anything wrong before any work starts."""
     positive = {"--max-steps": opts.max_steps, "--batch-size": opts.batch_size, "--grad-accum": opts.grad_accum,
-                "--num-examples": opts.num_examples, "--logging-steps": opts.logging_steps}
+                "--num-examples": opts.num_examples, "--logging-steps": opts.logging_steps,
+                "--ddp-timeout": opts.ddp_timeout}
     for flag, value in positive.items():
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}.")
@@ -155,7 +158,22 @@ def validate(opts: argparse.Namespace) -> None:
         except json.JSONDecodeError as err:
             raise UsageError(f"--deepspeed {config} is not valid JSON ({err}).") from err
         if importlib.util.find_spec("deepspeed") is None:
-            raise UsageError("--deepspeed needs DeepSpeed: pip install deepspeed (and CUDA GPUs).")
+            raise UsageError("--deepspeed needs DeepSpeed: pip install deepspeed.")
+        check_launcher(os.environ)
+
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def check_launcher(environ: Any) -> None:
+    """DeepSpeed without a launcher would try MPI discovery and die on a missing ``mpi4py``."""
+    missing = [name for name in LAUNCHER_ENV if name not in environ]
+    if missing:
+        raise UsageError(
+            f"--deepspeed needs a launcher ({', '.join(missing)} not set): run "
+            "`torchrun --nproc_per_node N -m ocrmem.train ... --deepspeed CONFIG` or "
+            "`deepspeed --num_gpus N --module ocrmem.train ... --deepspeed CONFIG` (N = processes; 1 is fine)."
+        )
 
 
 def check_writable(path: Path) -> None:
@@ -203,7 +221,13 @@ def training_arguments(opts: argparse.Namespace, output_dir: Path) -> Any:
         kwargs["use_cpu"] = True
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: DDP over gloo
             kwargs["ddp_backend"] = "gloo"
+    # Every collective of the process group (and the final barrier) gives up after this long
+    # instead of waiting for a peer that has gone (HF's default is 30 minutes).
+    kwargs["ddp_timeout"] = opts.ddp_timeout
     if opts.deepspeed is not None:
+        from .training import skip_deepspeed_shm_comm
+
+        skip_deepspeed_shm_comm()  # before TrainingArguments starts DeepSpeed's comm backend
         kwargs["deepspeed"] = str(Path(opts.deepspeed).resolve())
     return TrainingArguments(**kwargs)
 
@@ -385,13 +409,35 @@ def train_and_report(trainer: Any, model: Any, callback: Any, opts: argparse.Nam
     return EXIT_OK
 
 
-def shutdown_distributed() -> None:
-    """Tear the process group down before exit: a gloo group left to the interpreter's exit can
-    abort the process ("terminate called without an active exception") after a good run."""
+SHUTDOWN_BARRIER_S = 120  # the ranks' last meeting; they all finished training by then
+
+
+def shutdown_distributed(timeout_s: float = SHUTDOWN_BARRIER_S) -> None:
+    """Meet the other ranks once more, with a bound, then tear the process group down.
+
+    A gloo group left to the interpreter's exit can abort the process ("terminate called without
+    an active exception"), and a rank that destroys its group while a peer still has work in
+    flight can leave that peer waiting in gloo for good. So every rank first passes a barrier
+    that gives up after ``timeout_s`` (``monitored_barrier`` on gloo names the missing rank),
+    and only then destroys the group; a rank whose peers never arrive logs that and exits
+    without waiting further.
+    """
+    import datetime
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
+        else:
+            dist.barrier()  # bounded by the group's timeout (--ddp-timeout)
+    except Exception as err:  # a peer died or hangs: do not wait for it in destroy either
+        logging.getLogger(__name__).error("final barrier failed (%s); exiting without waiting for the other ranks.", err)
+        return
+    dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,6 +181,21 @@ class AdapterOnlyTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under DeepSpeed, gather only the trainable weights for the adapter file.
+
+        HF's DeepSpeed path builds the full state dict (the frozen 8B LLM too) on every save, and
+        under ZeRO-3 without ``stage3_gather_16bit_weights_on_model_save`` it writes no weights
+        at all. Here every rank takes part in gathering the trainable parameters
+        (``deepspeed.zero.GatheredParameters``, a collective under ZeRO-3; ZeRO-1/2 keep full
+        copies), and the main process writes them.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        if not (self.is_deepspeed_enabled and _is_adapter_model(model)):
+            super().save_model(output_dir, _internal_call=_internal_call)
+            return
+        self._save(output_dir, state_dict=gather_trainable_state_dict(model))
+
     def _get_output_dir(self, trial: Any) -> str:
         # While a checkpoint is being saved, HF writes `<run_dir>/checkpoint-N`: point it into the
         # staging dir, so the half-written checkpoint lives at `.checkpoint-N.partial/checkpoint-N`.
@@ -259,6 +274,44 @@ class AdapterOnlyTrainer(Trainer):
         super()._load_best_model()
 
 
+def gather_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters as full CPU tensors, on every rank.
+
+    Parameters partitioned by ZeRO-3 (``ds_id``) are gathered for the copy (every rank must call
+    this: it is a collective); others are copied as they are.
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    sharded = [p for _, p in trainable if hasattr(p, "ds_id")]
+    if not sharded:
+        return {n: p.detach().cpu().clone() for n, p in trainable}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+        return {n: p.detach().cpu().clone() for n, p in trainable}
+
+
+def skip_deepspeed_shm_comm() -> None:
+    """Keep DeepSpeed's CPU accelerator from JIT-compiling its shared-memory comm op.
+
+    On the CPU accelerator DeepSpeed builds ``deepspeed_shm_comm`` (minutes of C++ compilation on
+    first use) when its comm backend starts; the op only speeds up ``inference_all_reduce``
+    (AutoTP inference), never training. DeepSpeed has no switch for it, but it skips the build —
+    and uses gloo for everything — for an op that ``deepspeed.ops.__compatible_ops__`` marks
+    incompatible, which is what this does. No effect on CUDA (that accelerator has no such op).
+    """
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:
+        return
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def check_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Check that ``optimizer`` holds exactly the trainable parameters of ``model``.
 
@@ -266,7 +319,13 @@ def check_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optimi
         RuntimeError: it holds a frozen parameter, or misses a trainable one; the message names them.
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimizers
-    in_optimizer = {id(p) for group in inner.param_groups for p in group["params"]}
+    groups = getattr(inner, "param_groups", None)
+    if groups is None:
+        # accelerate's DummyOptim (a DeepSpeed config with an `optimizer` block: DeepSpeed builds
+        # the real one later) holds `params`: tensors or param-group dicts.
+        raw = list(getattr(inner, "params", None) or [])
+        groups = [g if isinstance(g, dict) else {"params": [g]} for g in raw]
+    in_optimizer = {id(p) for group in groups for p in group["params"]}
     params = {id(p): (n, p) for n, p in model.named_parameters()}
     frozen = [params[pid][0] if pid in params else "<not a parameter of the model>"
               for pid in in_optimizer if pid not in params or not params[pid][1].requires_grad]
@@ -323,6 +382,8 @@ __all__ = [
     "PAUSE_ENV",
     "PAUSE_MARKER",
     "check_optimizer_params",
+    "gather_trainable_state_dict",
     "publish_checkpoint",
     "remove_partial_checkpoints",
+    "skip_deepspeed_shm_comm",
 ]
