@@ -435,10 +435,16 @@ class MEMModel(PreTrainedModel):
             )
         zero_term = None
         skip_loss = labels is not None and torch.is_grad_enabled() and self.config.empty_memory_policy != "error"
-        if not num_pages and (skip_loss or any(_is_sharded(p) for p in self.proj.parameters())):
+        sharded = any(_is_sharded(p) for p in self.proj.parameters())
+        if not num_pages and (skip_loss or sharded):
             # Before the LLM, where a batch with memory runs the encoder and proj: ZeRO-3 / FSDP
             # gather parameters module by module, in the same order on every rank (in eval too).
             zero_term = self._zero_memory_pass(inputs_embeds)
+            if sharded:
+                # ... and in backward: a batch with memory back-propagates through every LLM layer
+                # to reach proj (gathering each layer's weights again), so this one must too.
+                inputs_embeds = inputs_embeds + zero_term.to(inputs_embeds.dtype)
+                zero_term = None
 
         llm_out = self.base_llm(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -475,7 +481,7 @@ class MEMModel(PreTrainedModel):
             EmptyMemoryWarning,
             stacklevel=3,
         )
-        return loss + zero_term.to(loss.dtype) if zero_term is not None else loss
+        return loss + zero_term.to(loss.dtype) if zero_term is not None else loss  # None: in the inputs already
 
     def _zero_memory_pass(self, like: torch.Tensor) -> torch.Tensor:
         """A zero-weighted pass through the memory modules, for a batch without memory.

@@ -315,8 +315,11 @@ def save_rank_weights(trainer: Any, model: Any, callback: Any, output_dir: Path)
     """``rank{R}.safetensors`` (this process's proj) and ``rank{R}.json`` (its batch stats)."""
     from safetensors.torch import save_file
 
+    from .training import gather_trainable_state_dict
+
     rank = trainer.args.process_index
-    save_file(model.trainable_state_dict(), str(output_dir / f"rank{rank}.safetensors"))
+    # Every rank calls the gather (a collective under ZeRO-3, where each holds a shard).
+    save_file(gather_trainable_state_dict(model), str(output_dir / f"rank{rank}.safetensors"))
     stats = {k: v for k, v in callback.stats.items()}
     stats["world_size"] = trainer.args.world_size
     (output_dir / f"rank{rank}.json").write_text(json.dumps(stats), encoding="utf-8")
@@ -347,18 +350,19 @@ def run(opts: argparse.Namespace) -> int:
 
     from .callbacks import GradFlowCallback
     from .data import MemoryCollator
-    from .training import AdapterOnlyTrainer
+    from .training import AdapterOnlyTrainer, without_zero3_init
 
     main_process = args.process_index == 0
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ocrmem").setLevel(logging.INFO if main_process else logging.WARNING)
-    with args.main_process_first(desc="writing the tiny preset"):
-        model_dir = ensure_model_dir(opts, output_dir)
-    set_seed(opts.seed)
-    try:
-        model = load_model(model_dir)
-    except (FileNotFoundError, ValueError) as err:  # ConfigError / CheckpointError are ValueErrors
-        raise UsageError(f"cannot load the model from {model_dir}: {err}") from err
+    with without_zero3_init():  # see ocrmem.training.without_zero3_init
+        with args.main_process_first(desc="writing the tiny preset"):
+            model_dir = ensure_model_dir(opts, output_dir)
+        set_seed(opts.seed)
+        try:
+            model = load_model(model_dir)
+        except (FileNotFoundError, ValueError) as err:  # ConfigError / CheckpointError are ValueErrors
+            raise UsageError(f"cannot load the model from {model_dir}: {err}") from err
     if main_process:
         print(model.parameter_report(), file=sys.stderr)
 

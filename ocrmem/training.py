@@ -29,12 +29,14 @@ test can SIGKILL the process in the middle of a save deterministically. Never se
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -290,6 +292,31 @@ def gather_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tenso
         return {n: p.detach().cpu().clone() for n, p in trainable}
 
 
+@contextlib.contextmanager
+def without_zero3_init() -> Iterator[None]:
+    """Build models inside this block as plain modules, even when ZeRO-3 is configured.
+
+    With a ZeRO-3 config, ``TrainingArguments`` makes every ``from_pretrained`` construct its
+    model under ``deepspeed.zero.Init`` (parameters partitioned at creation). MEMModel assembles
+    its LLM, its own encoder loader and ``proj`` itself, and only some of them would be
+    partitioned; the tiny preset is even written from inside. So the model is built whole here,
+    and ``deepspeed.initialize`` partitions every parameter when the Trainer starts — the same
+    end state, at the cost of one full copy per process while loading. transformers keeps the
+    active config in a module-level weak reference; it is cleared for the block and restored.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def skip_deepspeed_shm_comm() -> None:
     """Keep DeepSpeed's CPU accelerator from JIT-compiling its shared-memory comm op.
 
@@ -386,4 +413,5 @@ __all__ = [
     "publish_checkpoint",
     "remove_partial_checkpoints",
     "skip_deepspeed_shm_comm",
+    "without_zero3_init",
 ]
