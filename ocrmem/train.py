@@ -26,11 +26,20 @@ CPU, NCCL on GPUs). Rows without compressed history give a zero-weighted loss on
 parameter, so DDP sees every parameter used on every rank (``ddp_find_unused_parameters=False``)
 even when one rank's batch has no history (``--empty-history-fraction`` makes that happen).
 
-DeepSpeed: ``--deepspeed ds_config.json`` is passed to ``TrainingArguments(deepspeed=...)``.
-It needs ``pip install deepspeed`` and CUDA GPUs, and is launched with ``deepspeed`` or
-``torchrun``; ``"auto"`` values in the config are filled from these arguments (batch size,
-gradient accumulation, learning rate). Under DeepSpeed the per-step gradient checks of
-GradFlowCallback are off (gradients live in DeepSpeed's buffers).
+DeepSpeed: ``--deepspeed CONFIG.json`` (e.g. ``examples/ds_zero2_bf16.json``, the user's ZeRO-2
+setup: per-device batch 2, accumulation 8, bf16 ``auto``) is passed to
+``TrainingArguments(deepspeed=...)`` and needs a launcher — ``torchrun --nproc_per_node N -m
+ocrmem.train ...`` or ``deepspeed --num_gpus N --module ocrmem.train ...``; without one it exits 2
+saying so. ``"auto"`` values are filled from these arguments. ZeRO-2 and ZeRO-3 work, on GPUs and
+on CPU (gloo; DeepSpeed's CPU shared-memory comm op is not compiled, see
+:func:`ocrmem.training.skip_deepspeed_shm_comm`); keep the torch optimizer
+(``"zero_force_ds_cpu_optimizer": false`` and no ``optimizer`` block) to avoid compiling
+DeepSpeed's CPU/fused Adam. Under DeepSpeed the per-step gradient checks of GradFlowCallback are
+off (gradients live in DeepSpeed's buffers); its first-batch diagnosis stays on, run so that it
+cannot disturb the engine (see :mod:`ocrmem.callbacks`).
+
+Multi-process runs end: every collective gives up after ``--ddp-timeout`` seconds, and the ranks
+meet at a bounded final barrier before the process group is destroyed.
 
 Exit status: 0 trained, 1 training stopped by a finding (GradFlowCallback), 2 bad arguments or
 paths (including an output dir that cannot be written).
@@ -70,9 +79,9 @@ examples:
   # resume after a crash from the last complete checkpoint
   python -m ocrmem.train --output-dir OUT --max-steps 300 --resume-from-checkpoint last
 
-  # DeepSpeed (needs `pip install deepspeed` and CUDA GPUs)
+  # DeepSpeed ZeRO-2, bf16, the user's 8-GPU setup (needs `pip install deepspeed`)
   torchrun --nproc_per_node 8 -m ocrmem.train --model-dir /models/mem --output-dir OUT \\
-      --deepspeed ds_zero2.json
+      --batch-size 2 --grad-accum 8 --learning-rate 2e-4 --deepspeed examples/ds_zero2_bf16.json
 
 exit status: 0 trained, 1 stopped by a gradient-flow/NaN finding, 2 bad arguments or paths.
 wandb: --report-to wandb needs `pip install wandb`; WANDB_MODE=offline logs without network.

@@ -17,9 +17,12 @@ What it changes in :class:`transformers.Trainer`, and why:
   full / permission error is re-raised as the same :class:`OSError` class with a message naming
   the checkpoint and the directory.
 
-Not covered yet: under DeepSpeed, HF also writes DeepSpeed's own ``global_stepN/`` state, which
-holds the frozen weights too unless ``exclude_frozen_parameters`` is used (HF does that only for
-PEFT models); resuming there goes through DeepSpeed's loader, not :meth:`_load_from_checkpoint`.
+Under DeepSpeed: the adapter file is written from the trainable parameters only, gathered from
+their ZeRO-3 shards when partitioned (:meth:`AdapterOnlyTrainer.save_model`); HF also writes
+DeepSpeed's own ``global_stepN/`` state, which holds the frozen weights too (HF passes
+``exclude_frozen_parameters`` only for PEFT models), and resuming goes through DeepSpeed's
+loader, not :meth:`_load_from_checkpoint`. ``grad_norm`` is reported to callbacks before
+clipping (``on_gradients_ready``), so GradFlowCallback's ``proj_grad_norm`` agrees with it.
 
 Test hook: ``OCRMEM_TEST_PAUSE_IN_SAVE=SECONDS[:STEP]`` makes a checkpoint save (only the one of
 global step ``STEP`` when given) sleep ``SECONDS`` after the weights are written and before the
