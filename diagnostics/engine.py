@@ -9,7 +9,9 @@ The steps (see ``DESIGN.md``, "Diagnostics engine"):
    (grad disabled, detached, reentrant checkpoint, never ran...), and flag frozen
    modules tracked for nothing;
 5. run ``loss.backward()`` and check every trainable gradient is finite and non-zero;
-   restore ``.grad`` of every parameter afterwards.
+   restore ``.grad`` of every parameter afterwards (or, ``backward="autograd_grad"``, get the
+   gradients from ``torch.autograd.grad`` without touching ``.grad`` or firing the
+   post-accumulate hooks distributed engines reduce from; ``backward=False``: graph only).
 
 The model is left as it was: hooks removed, ``.grad`` restored, ``requires_grad``
 untouched, train/eval mode untouched.
