@@ -1,20 +1,34 @@
 """Static scan of ``forward`` code for constructs that stop gradient.
 
 ``python -m diagnostics.lint PATH...`` parses each file (``ast``, nothing is
-imported or run), starts from every class's ``forward`` and follows the functions it
-calls in the same file (``self.method(...)`` and module-level functions), and reports:
+imported or run — not even torch), starts from every class's ``forward`` and follows
+the functions it calls in the same file (``self.method(...)`` and module-level
+functions), and reports:
 
-* grad-disabled blocks — ``with torch.no_grad()``, ``with torch.inference_mode()``,
-  ``torch.set_grad_enabled(False)`` and the decorators: *info* when the block only
-  calls modules named like an encoder / vision tower (the LLaVA pattern, fine when
-  nothing trainable is upstream), *warning* otherwise;
+* grad-disabled code — ``with torch.no_grad()``, ``with torch.inference_mode()``
+  (``mode=True`` / positional ``True`` too; ``inference_mode(False)`` is not disabling),
+  ``torch.set_grad_enabled(False)`` as a block or a statement, and the decorators with
+  or without a call (``@torch.no_grad``, ``@torch.no_grad()``), under any import
+  spelling (``import torch as T``, ``from torch import no_grad as ng``,
+  ``torch.autograd.grad_mode.no_grad``). The *innermost* grad context decides: a call
+  inside ``with torch.enable_grad():`` nested in ``no_grad`` runs with grad. A block is
+  *info* when the submodules it runs with grad off are all named like an encoder /
+  vision tower (the LLaVA pattern, fine when nothing trainable is upstream), *warning*
+  otherwise;
 * cuts — ``.detach()``, ``.data``, ``.numpy()``, ``.tolist()``, ``.item()``,
   ``torch.tensor(x)`` / ``torch.as_tensor(x)`` / ``torch.from_numpy(x)`` re-wraps:
   *warning* when the value flows to what the function returns, *info* otherwise.
 
-Output lines read ``path:line: severity: message``; ``--json`` prints
-``{"version": 1, "findings": [...]}``. Exit status 1 when any finding is a warning
-or an error, else 0; 2 when a path cannot be read.
+A file that cannot be parsed (a syntax error, binary content, text that does not
+decode) is never reported clean: it is an error naming ``file:line``, the other files
+are still scanned, and the exit status is 2. A UTF-8 BOM and PEP 263 encoding cookies
+are read as Python reads them. Non-Python files are skipped with a note.
+
+Output lines read ``path:line: severity: message`` (stdout; errors and notes go to
+stderr); ``--json`` prints ``{"version": 2, "findings": [...], "errors": [...],
+"skipped": [...]}`` (version 2 added ``errors`` and ``skipped``). Exit status: 0 no
+warning, 1 at least one warning, 2 a path could not be read or parsed (or held no
+Python file) — 2 wins over 1.
 """
 
 from __future__ import annotations
@@ -25,18 +39,24 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from .source import display_path, dotted_name, grad_disable_kind, parse_file
+# Only torch-free modules here: `python -m diagnostics.lint` must start without torch.
+from .syntax import UnparsableSourceError, canonical_name, display_path, dotted_name, grad_effect, import_aliases, read_module
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_CANNOT_RUN = 2
+JSON_VERSION = 2
 
 #: attribute names of modules that are normally frozen feature extractors.
 ENCODER_NAME = re.compile(r"enc|vision|visual|tower|image|ocr|sam|clip|vit|backbone|teacher|pixel", re.I)
+
+#: directories never descended into when a directory is scanned.
+_SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "node_modules"}
+_PY_SUFFIXES = {".py", ".pyw"}
 
 _CUT_METHODS = {"detach": ".detach()", "detach_": ".detach_()", "numpy": ".numpy()", "tolist": ".tolist()", "item": ".item()"}
 _REWRAPS = {"tensor", "as_tensor", "from_numpy"}
@@ -89,6 +109,11 @@ def _self_callees(nodes: Iterable[ast.AST]) -> list[str]:
     return names
 
 
+def _rewraps_a_value(arg: ast.AST) -> bool:
+    """``torch.tensor(x)`` re-wraps a value; ``torch.tensor([1, 2])`` builds a constant."""
+    return not isinstance(arg, (ast.Constant, ast.List, ast.Tuple, ast.ListComp))
+
+
 def _names_in(node: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
@@ -104,76 +129,194 @@ def _target_names(target: ast.AST) -> set[str]:
     return set()
 
 
+@dataclass
+class _Disabler:
+    """A construct that switches grad off, and the submodule calls it decides.
+
+    A call is attributed to the innermost grad context around it only: in
+    ``with no_grad(): with enable_grad(): self.proj(x)`` the ``no_grad`` decides nothing.
+    """
+
+    node: ast.AST  # the With statement, the call statement, or the decorator expression
+    expr: ast.AST  # the grad expression itself
+    kind: str  # no_grad / inference_mode / set_grad_enabled
+    form: str  # with / call / decorator
+    callees: list[str] = field(default_factory=list)  # X of self.X(...) run with grad off by this one
+    restored: bool = False  # call form: grad is switched back on later in the function
+
+
+def _is_statement_list(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], (ast.stmt, ast.excepthandler, ast.match_case))
+
+
 class _FunctionLinter:
     """Lint one function body."""
 
-    def __init__(self, filename: str, qualname: str, func: ast.AST, class_name: Optional[str]) -> None:
+    def __init__(
+        self, filename: str, qualname: str, func: ast.AST, class_name: Optional[str],
+        aliases: Optional[Mapping[str, str]] = None,
+    ) -> None:
         self.filename = filename
         self.qualname = qualname
         self.func = func
         self.class_name = class_name or ""
+        self.aliases = dict(aliases or {})
         self.findings: list[LintFinding] = []
+        self.disablers: list[_Disabler] = []
 
     def add(self, line: int, severity: str, kind: str, message: str) -> None:
         self.findings.append(LintFinding(self.filename, line, severity, kind, message, self.qualname))
 
     def run(self) -> list[LintFinding]:
-        func = self.func
-        for decorator in getattr(func, "decorator_list", []):
-            kind = grad_disable_kind(decorator)
-            if kind is None:
+        state: Optional[_Disabler] = None
+        for decorator in getattr(self.func, "decorator_list", []):
+            effect = grad_effect(decorator, self.aliases)
+            if effect is None:
                 continue
-            text = f"@{ast.unparse(decorator)}"
-            if kind == "inference_mode":
-                self.add(
-                    decorator.lineno, "warning", "grad_disabled",
-                    f"{text} on {self.qualname}: everything it returns is an inference tensor; a trainable "
-                    "layer fed with it raises 'Inference tensors cannot be saved for backward', and "
-                    "nothing inside gets gradient",
-                )
-            else:
-                severity = "info" if ENCODER_NAME.search(self.class_name) else "warning"
-                self.add(
-                    decorator.lineno, severity, "grad_disabled",
-                    f"{text} on {self.qualname}: nothing it computes gets or passes gradient"
-                    + (" (fine for a frozen encoder with nothing trainable upstream)" if severity == "info" else ""),
-                )
-        body_nodes = list(ast.walk(func))
-        for node in body_nodes:
-            if isinstance(node, (ast.With, ast.AsyncWith)):
-                for item in node.items:
-                    kind = grad_disable_kind(item.context_expr)
-                    if kind is not None:
-                        self._with_block(node, item.context_expr)
-            elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
-                if grad_disable_kind(node.value) == "set_grad_enabled":
-                    self.add(
-                        node.lineno, "warning", "grad_disabled",
-                        f"`{ast.unparse(node.value)}` in {self.qualname}: grad stays disabled for everything "
-                        "after it (including the caller) until re-enabled — prefer a `with` block",
-                    )
+            if effect[0] == "off":
+                state = _Disabler(decorator, decorator, effect[1], "decorator")
+                self.disablers.append(state)
+            else:  # @enable_grad() below @no_grad() runs inside it: the no_grad decides nothing
+                if state is not None:
+                    self.disablers.remove(state)
+                state = None
+        self._walk(list(getattr(self.func, "body", [])), state)
+        for disabler in self.disablers:
+            getattr(self, f"_report_{disabler.form}")(disabler)
         self._cuts()
         return self.findings
 
-    def _with_block(self, node: ast.AST, expr: ast.AST) -> None:
-        callees = _self_callees(getattr(node, "body", []))
-        unique = list(dict.fromkeys(callees))
-        statement = f"with {ast.unparse(expr)}"
-        others = [c for c in unique if not ENCODER_NAME.search(c)]
+    # ------------------------------------------------------------------ grad state
+    def _calls(self, node: ast.AST, state: Optional[_Disabler]) -> None:
+        """Attribute the ``self.X(...)`` calls in an expression to the grad context in effect."""
+        if state is None:
+            return
+        state.callees.extend(_self_callees([node]))
+
+    def _walk(self, statements: list[ast.stmt], state: Optional[_Disabler]) -> Optional[_Disabler]:
+        """Walk statements in order with the grad context in effect; return the one in effect after."""
+        for stmt in statements:
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                # A nested function runs when called, not here: scan it with grad as its caller has it.
+                self._walk(stmt.body, None)
+                continue
+            if isinstance(stmt, ast.ClassDef):
+                continue
+            if isinstance(stmt, (ast.With, ast.AsyncWith)):
+                inner, grad_items = state, False
+                for item in stmt.items:  # `with a(), b():` enters a then b: the later one is inner
+                    self._calls(item.context_expr, inner)
+                    effect = grad_effect(item.context_expr, self.aliases)
+                    if effect is None:
+                        continue
+                    grad_items = True
+                    if effect[0] == "off":
+                        inner = _Disabler(stmt, item.context_expr, effect[1], "with")
+                        self.disablers.append(inner)
+                    else:
+                        inner = None
+                end = self._walk(stmt.body, inner)
+                # Leaving a grad context restores the mode it found; a plain `with` keeps what its body set.
+                state = state if grad_items else end
+                continue
+            if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call):
+                call = stmt.value
+                name = canonical_name(call.func, self.aliases) or ""
+                if name.rsplit(".", 1)[-1] in ("set_grad_enabled", "_set_grad_enabled"):
+                    for arg in [*call.args, *(k.value for k in call.keywords)]:
+                        self._calls(arg, state)
+                    effect = grad_effect(call, self.aliases)
+                    turns_on = effect is not None and effect[0] == "on"
+                    literal = bool(call.args or call.keywords) and isinstance(
+                        (call.args or [k.value for k in call.keywords])[0], ast.Constant
+                    )
+                    if turns_on or (not literal and state is not None and state.form == "call"):
+                        # set_grad_enabled(True), or set_grad_enabled(prev) restoring an earlier switch-off
+                        if state is not None and state.form == "call":
+                            state.restored = True
+                        state = None
+                    else:
+                        state = _Disabler(stmt, call, "set_grad_enabled", "call")
+                        self.disablers.append(state)
+                    continue
+            # Any other statement: its own expressions run in the current context, then its bodies.
+            for _, value in ast.iter_fields(stmt):
+                if _is_statement_list(value):
+                    continue
+                for node in value if isinstance(value, list) else [value]:
+                    if isinstance(node, ast.AST):
+                        self._calls(node, state)
+            ends: list[Optional[_Disabler]] = []
+            for _, value in ast.iter_fields(stmt):
+                if not _is_statement_list(value):
+                    continue
+                for entry in value:
+                    if isinstance(entry, (ast.excepthandler, ast.match_case)):
+                        ends.append(self._walk(entry.body, state))  # type: ignore[attr-defined]
+                if isinstance(value[0], ast.stmt):
+                    ends.append(self._walk(value, state))
+            changed = [end for end in ends if end is not state]
+            if changed:  # a branch switched grad: after the statement it may be in that state
+                state = changed[-1]
+        return state
+
+    # ------------------------------------------------------------------ findings
+    def _split(self, disabler: _Disabler) -> tuple[list[str], list[str]]:
+        unique = list(dict.fromkeys(disabler.callees))
+        return unique, [c for c in unique if not ENCODER_NAME.search(c)]
+
+    def _report_decorator(self, disabler: _Disabler) -> None:
+        text = f"@{ast.unparse(disabler.expr)}"
+        line = disabler.node.lineno  # type: ignore[attr-defined]
+        if disabler.kind == "inference_mode":
+            self.add(
+                line, "warning", "grad_disabled",
+                f"{text} on {self.qualname}: everything it returns is an inference tensor; a trainable "
+                "layer fed with it raises 'Inference tensors cannot be saved for backward', and "
+                "nothing inside gets gradient",
+            )
+            return
+        unique, others = self._split(disabler)
+        frozen = bool(ENCODER_NAME.search(self.class_name)) or (bool(unique) and not others)
+        severity = "info" if frozen else "warning"
+        self.add(
+            line, severity, "grad_disabled",
+            f"{text} on {self.qualname}: nothing it computes gets or passes gradient"
+            + (" (fine for a frozen encoder with nothing trainable upstream)" if frozen else ""),
+        )
+
+    def _report_with(self, disabler: _Disabler) -> None:
+        self._report_block(disabler, f"with {ast.unparse(disabler.expr)}")
+
+    def _report_call(self, disabler: _Disabler) -> None:
+        statement = ast.unparse(disabler.expr)
+        if not disabler.restored:
+            self.add(
+                disabler.node.lineno, "warning", "grad_disabled",  # type: ignore[attr-defined]
+                f"`{statement}` in {self.qualname}: grad stays disabled for everything after it "
+                "(including the caller) until re-enabled — prefer a `with` block",
+            )
+            return
+        self._report_block(disabler, statement)
+
+    def _report_block(self, disabler: _Disabler, statement: str) -> None:
+        line = disabler.node.lineno  # type: ignore[attr-defined]
+        unique, others = self._split(disabler)
         if unique and not others:
             self.add(
-                node.lineno, "info", "grad_disabled",
+                line, "info", "grad_disabled",
                 f"`{statement}` around {', '.join('self.' + c for c in unique)} only — fine for a frozen "
                 "encoder with nothing trainable upstream",
             )
         elif not unique:
             self.add(
-                node.lineno, "info", "grad_disabled",
-                f"`{statement}` in {self.qualname} calls no submodule — fine unless its result must carry gradient",
+                line, "info", "grad_disabled",
+                f"`{statement}` in {self.qualname} runs no submodule with grad disabled — fine unless its "
+                "result must carry gradient",
             )
         else:
             self.add(
-                node.lineno, "warning", "grad_disabled",
+                line, "warning", "grad_disabled",
                 f"`{statement}` runs {', '.join('self.' + c for c in others)} with grad disabled: if "
                 f"{'it is' if len(others) == 1 else 'they are'} trainable, or must carry gradient back to "
                 "something trainable, no gradient flows — keep only frozen encoders inside",
@@ -188,10 +331,14 @@ class _FunctionLinter:
                 if attr in _CUT_METHODS and not node.args:
                     cuts.append((node, _CUT_METHODS[attr]))
                 elif attr in _REWRAPS and node.args:
-                    base = dotted_name(node.func.value)
-                    arg = node.args[0]
-                    if base in ("torch", "th") and not isinstance(arg, (ast.Constant, ast.List, ast.Tuple, ast.ListComp)):
+                    base = canonical_name(node.func.value, self.aliases)
+                    if base in ("torch", "th") and _rewraps_a_value(node.args[0]):
                         cuts.append((node, f"torch.{attr}(...) re-wrap"))
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args:
+                # from torch import from_numpy; from_numpy(x)
+                name = canonical_name(node.func, self.aliases) or ""
+                if name.startswith("torch.") and name[6:] in _REWRAPS and _rewraps_a_value(node.args[0]):
+                    cuts.append((node, f"{name}(...) re-wrap"))
             elif isinstance(node, ast.Attribute) and node.attr == "data" and isinstance(node.ctx, ast.Load):
                 cuts.append((node, ".data"))
         if not cuts:
@@ -264,6 +411,7 @@ def lint_tree(tree: ast.Module, filename: str) -> list[LintFinding]:
     functions: dict[str, ast.AST] = {
         n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
     }
+    aliases = import_aliases(tree)
     findings: list[LintFinding] = []
     emitted: set[int] = set()
     classes = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
@@ -308,7 +456,7 @@ def lint_tree(tree: ast.Module, filename: str) -> list[LintFinding]:
             visited.add(id(func))
             if id(func) not in emitted:
                 emitted.add(id(func))
-                findings.extend(_FunctionLinter(filename, qualname, func, class_name).run())
+                findings.extend(_FunctionLinter(filename, qualname, func, class_name, aliases).run())
             for node in ast.walk(func):
                 if not isinstance(node, ast.Call):
                     continue
@@ -328,31 +476,133 @@ _LINT_CACHE: dict[str, tuple[float, list[LintFinding]]] = {}
 
 
 def lint_file(path: str | os.PathLike[str]) -> list[LintFinding]:
-    """Lint one file. Raises ``OSError`` when it cannot be read; syntax errors give no findings."""
+    """Lint one Python file.
+
+    Raises:
+        OSError: the file cannot be read.
+        UnparsableSourceError: it is not parsable Python (syntax error, binary, undecodable);
+            the exception carries ``file``, ``line`` and ``reason``. A file that cannot be
+            parsed is never "no findings".
+    """
     filename = os.fspath(path)
     mtime = Path(filename).stat().st_mtime  # raises OSError for a missing file
     cached = _LINT_CACHE.get(filename)
     if cached is not None and cached[0] == mtime:
         return list(cached[1])
-    tree = parse_file(filename)
-    findings = lint_tree(tree, filename) if tree is not None else []
+    _, tree = read_module(filename)
+    findings = lint_tree(tree, filename)
     _LINT_CACHE[filename] = (mtime, findings)
     return list(findings)
 
 
-def lint_paths(paths: Sequence[str | os.PathLike[str]]) -> list[LintFinding]:
-    """Lint files and directories (``*.py`` below them, skipping hidden/venv dirs)."""
-    findings: list[LintFinding] = []
-    for path in paths:
-        p = Path(path)
-        if p.is_dir():
-            for file in sorted(p.rglob("*.py")):
-                if any(part.startswith(".") or part in ("__pycache__", "site-packages") for part in file.parts[len(p.parts):]):
+@dataclass
+class LintRun:
+    """What one scan of several paths found.
+
+    Attributes:
+        findings: the lint findings of every file that parsed.
+        errors: ``(file, line or None, message)`` for each path that could not be read or
+            parsed — nothing in those was checked.
+        skipped: ``(path, why)`` for non-Python files left out.
+        scanned: how many Python files were linted.
+    """
+
+    findings: list[LintFinding] = field(default_factory=list)
+    errors: list[tuple[str, Optional[int], str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    scanned: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        """2 when anything could not be checked, else 1 on a warning, else 0."""
+        if self.errors or not self.scanned:
+            return EXIT_CANNOT_RUN
+        return EXIT_FINDINGS if any(f.severity in ("warning", "error") for f in self.findings) else EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": JSON_VERSION,
+            "findings": [f.to_json() for f in self.findings],
+            "errors": [{"file": display_path(f), "line": line, "message": msg} for f, line, msg in self.errors],
+            "skipped": [{"file": display_path(f), "reason": why} for f, why in self.skipped],
+        }
+
+
+def _looks_like_python(path: Path) -> bool:
+    """A ``.py`` file, or an extension-less script whose ``#!`` line names python."""
+    if path.suffix in _PY_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as handle:
+            first = handle.readline(200)
+    except OSError:
+        return False
+    return first.startswith(b"#!") and b"python" in first
+
+
+def _scan_file(path: Path, run: LintRun) -> None:
+    try:
+        run.findings.extend(lint_file(path))
+        run.scanned += 1
+    except UnparsableSourceError as exc:
+        run.errors.append((exc.file, exc.line, f"{exc.reason} — nothing in this file was checked; fix it "
+                           f"(`python -m py_compile {display_path(exc.file)}` shows what Python sees)"))
+    except OSError as exc:
+        run.errors.append((os.fspath(path), None, f"cannot read it: {exc.strerror or exc}"))
+    except Exception as exc:  # noqa: BLE001 - a scanner bug must not hide the file or print a traceback
+        run.errors.append((os.fspath(path), None, f"could not be scanned ({type(exc).__name__}: {exc}); "
+                           "please report this with the file"))
+
+
+def scan_paths(paths: Sequence[str | os.PathLike[str]]) -> LintRun:
+    """Lint files and directories (``*.py`` below them, skipping hidden / venv / cache dirs).
+
+    Never raises for a bad path: missing, unreadable and unparsable files become
+    :attr:`LintRun.errors`; non-Python files become :attr:`LintRun.skipped`.
+    """
+    run = LintRun()
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            others: list[Path] = []
+            for file in sorted(path.rglob("*")):
+                rel = file.parts[len(path.parts):]
+                if any(part.startswith(".") or part in _SKIP_DIRS or part.endswith(".egg-info") for part in rel[:-1]):
                     continue
-                findings.extend(lint_file(file))
+                if rel and rel[-1].startswith(".") or not file.is_file():
+                    continue
+                if file.suffix in _PY_SUFFIXES:
+                    _scan_file(file, run)
+                else:
+                    others.append(file)
+            if others:
+                examples = ", ".join(f.name for f in others[:3]) + (", ..." if len(others) > 3 else "")
+                run.skipped.append((os.fspath(path), f"{len(others)} non-Python file(s) not scanned ({examples})"))
+        elif path.is_file():
+            if _looks_like_python(path):
+                _scan_file(path, run)
+            else:
+                run.skipped.append((os.fspath(path), "not a Python file (no .py suffix, no python #! line)"))
+        elif path.exists():
+            run.errors.append((os.fspath(path), None, "is neither a file nor a directory"))
         else:
-            findings.extend(lint_file(p))
-    return findings
+            run.errors.append((os.fspath(path), None, "no such file or directory — check the path"))
+    run.findings.sort(key=lambda f: (f.file, f.line))
+    return run
+
+
+def lint_paths(paths: Sequence[str | os.PathLike[str]]) -> list[LintFinding]:
+    """The findings of :func:`scan_paths`.
+
+    Raises:
+        UnparsableSourceError: the first path that could not be read or parsed (after
+            scanning all of them): a caller never mistakes an unchecked file for a clean one.
+    """
+    run = scan_paths(paths)
+    if run.errors:
+        file, line, message = run.errors[0]
+        raise UnparsableSourceError(file, line, message)
+    return run.findings
 
 
 def lint_for_report(model: Any, findings: Sequence[Any], classifier: Any) -> list[LintFinding]:
@@ -390,8 +640,8 @@ def lint_for_report(model: Any, findings: Sequence[Any], classifier: Any) -> lis
                     continue  # another class in the same file: not part of this model
                 if lint.severity != "info" or (os.path.abspath(lint.file), lint.line) in named_lines:
                     out.append(lint)
-        except OSError:
-            continue
+        except (OSError, UnparsableSourceError):
+            continue  # the runtime report stands on its own; `python -m diagnostics.lint` names the file
     return out
 
 
@@ -401,9 +651,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m diagnostics.lint",
         description=(
             "Statically scan forward() methods (and the same-file functions they call) for code that "
-            "stops gradient: no_grad / inference_mode / set_grad_enabled(False) blocks and decorators, "
-            ".detach(), .data, .numpy(), .tolist(), .item() and torch.tensor re-wraps. Nothing is imported "
-            "or executed. For the runtime truth use `python -m diagnostics.grad_flow`."
+            "stops gradient: no_grad / inference_mode / set_grad_enabled(False) blocks, statements and "
+            "decorators (any import spelling; the innermost grad context decides), .detach(), .data, "
+            ".numpy(), .tolist(), .item() and tensor(x) / as_tensor(x) / from_numpy(x) re-wraps. Nothing is "
+            "imported or executed. "
+            "For the runtime truth use `python -m diagnostics.grad_flow`."
         ),
         epilog=(
             "examples:\n"
@@ -411,29 +663,56 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m diagnostics.lint src/ --json > lint.json\n\n"
             "severities: info = usually fine (e.g. no_grad around a frozen vision encoder only);\n"
             "warning = gradient probably stops here.\n"
-            "exit status: 0 no warning, 1 at least one warning, 2 a path could not be read."
+            "Files that cannot be parsed (syntax error, binary, not UTF-8) are errors on stderr naming\n"
+            "file:line; the other files are still scanned. Non-Python files are skipped with a note.\n\n"
+            "exit status:\n"
+            f"  {EXIT_OK}  no warning\n"
+            f"  {EXIT_FINDINGS}  at least one warning\n"
+            f"  {EXIT_CANNOT_RUN}  a path was missing, unreadable or unparsable, no Python file was given,\n"
+            "     or the command line was wrong (wins over 1)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="Python files or directories to scan")
-    parser.add_argument("--json", action="store_true", help="print JSON ({'version': 1, 'findings': [...]})")
+    parser.add_argument(
+        "--json", action="store_true",
+        help=f"print JSON ({{'version': {JSON_VERSION}, 'findings': [...], 'errors': [...], 'skipped': [...]}})",
+    )
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        findings = lint_paths(args.paths)
-    except OSError as exc:
-        print(f"diagnostics.lint: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
+def _run(args: argparse.Namespace) -> int:
+    run = scan_paths(args.paths)
     if args.json:
-        print(json.dumps({"version": 1, "findings": [f.to_json() for f in findings]}, indent=2))
+        print(json.dumps(run.to_json(), indent=2))
     else:
-        for finding in findings:
+        for finding in run.findings:
             print(finding.to_text())
-    return EXIT_FINDINGS if any(f.severity in ("warning", "error") for f in findings) else EXIT_OK
+    for path, why in run.skipped:
+        print(f"diagnostics.lint: note: skipped {display_path(path)}: {why}", file=sys.stderr)
+    for path, line, message in run.errors:
+        where = f"{display_path(path)}:{line}" if line else display_path(path)
+        print(f"diagnostics.lint: error: {where}: {message}", file=sys.stderr)
+    if not run.scanned and not run.errors:
+        print(
+            "diagnostics.lint: error: no Python file among the paths given — pass .py files or directories "
+            "holding them",
+            file=sys.stderr,
+        )
+    return run.exit_code
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point; returns the exit status (never raises, never prints a traceback)."""
+    args = build_parser().parse_args(argv)  # exits 2 with usage on a bad command line
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("diagnostics.lint: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: a one-line cause, exit 2, no traceback
+        print(f"diagnostics.lint: error: {type(exc).__name__}: {exc} (please report this)", file=sys.stderr)
+        return EXIT_CANNOT_RUN
 
 
 __all__ = [
@@ -441,13 +720,17 @@ __all__ = [
     "EXIT_CANNOT_RUN",
     "EXIT_FINDINGS",
     "EXIT_OK",
+    "JSON_VERSION",
     "LintFinding",
+    "LintRun",
+    "UnparsableSourceError",
     "build_parser",
     "lint_file",
     "lint_for_report",
     "lint_paths",
     "lint_tree",
     "main",
+    "scan_paths",
 ]
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from torch import nn
 
-from .causes import ERROR, NO_TRAINABLE_PARAMS, NOT_TRAINABLE, Finding, format_params
+from .causes import Finding
 
 
 @dataclass
@@ -226,34 +226,16 @@ def check_expectations(
     Returns:
         ``no_trainable_params`` / ``not_trainable`` errors.
     """
+    from .causes import no_trainable_params, not_trainable
+
     findings: list[Finding] = []
     named = list(model.named_parameters())
     if not any(p.requires_grad for _, p in named):
-        findings.append(
-            Finding(
-                ERROR,
-                NO_TRAINABLE_PARAMS,
-                f"the model has no trainable parameter ({len(named)} parameter tensors, all "
-                "requires_grad=False): the loss can have no grad_fn. Unfreeze the part you "
-                "mean to train, e.g. `model.proj.requires_grad_(True)`.",
-            )
-        )
+        findings.append(no_trainable_params.finding(len(named)))
     for pattern in expect_trainable or ():
         hits = [(n, p) for n, p in named if matches(n, pattern)]
         if not hits:
-            near = sorted({n.split(".")[0] for n, _ in named})
-            findings.append(
-                Finding(
-                    ERROR,
-                    NOT_TRAINABLE,
-                    f"expected trainable `{pattern}` matches no parameter of the model "
-                    f"(top-level names: {format_params(near, 8)}). If the module exists but "
-                    "is kept in a plain list/dict it is not registered: use nn.ModuleList / "
-                    "nn.ModuleDict or assign it as an attribute.",
-                    module=pattern,
-                    extra={"pattern": pattern},
-                )
-            )
+            findings.append(not_trainable.no_match(pattern, sorted({n.split(".")[0] for n, _ in named})))
             continue
         frozen = [n for n, p in hits if not p.requires_grad]
         if not frozen:
@@ -261,36 +243,8 @@ def check_expectations(
         site = None
         if freeze_sites:
             site = next((freeze_sites[n] for n in frozen if n in freeze_sites), None)
-        where = ""
-        if site is not None:
-            where = f"; frozen by `{site.code or 'requires_grad=False'}` at {site.display()}"
-        module_name = pattern if not any(ch in pattern for ch in "*?[") else None
-        unfreeze = (
-            f"`model.{pattern}.requires_grad_(True)`"
-            if module_name
-            else "`p.requires_grad_(True)` for the matching parameters"
-        )
-        findings.append(
-            Finding(
-                ERROR,
-                NOT_TRAINABLE,
-                f"{format_params(frozen)} ({len(frozen)} of {len(hits)} tensors under "
-                f"`{pattern}`) have requires_grad=False although `{pattern}` is expected to "
-                f"train{where} — unfreeze them after the freezing code: {unfreeze}.",
-                module=module_name,
-                params=frozen,
-                file=_display(site.file) if site else None,
-                line=site.line if site else None,
-                extra={"pattern": pattern},
-            )
-        )
+        findings.append(not_trainable.frozen_expected(pattern, frozen, len(hits), site))
     return findings
-
-
-def _display(path: str) -> str:
-    from .source import display_path
-
-    return display_path(path)
 
 
 __all__ = [

@@ -26,6 +26,8 @@ from typing import Iterable, Iterator, Literal, Optional, Sequence
 
 import torch
 
+from .syntax import UnparsableSourceError, decode_source, display_path, dotted_name, grad_disable_kind, import_aliases
+
 FileKind = Literal["user", "library", "torch", "internal"]
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
@@ -77,18 +79,6 @@ class GradDisableSite:
     form: str
     location: SourceLocation
     statement: str
-
-
-def display_path(path: str) -> str:
-    """Return ``path`` relative to the current directory when it lies inside it."""
-    try:
-        cwd = os.getcwd()
-    except OSError:  # the directory was removed under us
-        return path
-    absolute = os.path.abspath(path)
-    if absolute.startswith(cwd + os.sep):
-        return os.path.relpath(absolute, cwd)
-    return path
 
 
 class CodeClassifier:
@@ -195,13 +185,19 @@ def _parsed(filename: str) -> Optional[_ParsedFile]:
     if cached is not None and cached.mtime == mtime:
         return cached
     try:
-        text = Path(filename).read_text(encoding="utf-8", errors="replace")
+        data = Path(filename).read_bytes()
     except OSError:
         return None
+    tree: Optional[ast.Module] = None
     try:
-        tree: Optional[ast.Module] = ast.parse(text, filename=filename)
-    except (SyntaxError, ValueError):
-        tree = None
+        text = decode_source(data, filename)  # honours a BOM and an encoding cookie
+    except UnparsableSourceError:
+        text = data.decode("utf-8", errors="replace")
+    else:
+        try:
+            tree = ast.parse(text, filename=filename)
+        except (SyntaxError, ValueError, RecursionError):
+            tree = None
     parsed = _ParsedFile(mtime, text.splitlines(), tree)
     _PARSED[filename] = parsed
     return parsed
@@ -219,57 +215,6 @@ def source_line(filename: str, line: int) -> Optional[str]:
     if parsed is None or not 1 <= line <= len(parsed.lines):
         return None
     return parsed.lines[line - 1].strip()
-
-
-def dotted_name(node: ast.AST) -> Optional[str]:
-    """``torch.autograd.no_grad`` for the matching Attribute/Name chain, else ``None``."""
-    parts: list[str] = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if isinstance(node, ast.Name):
-        parts.append(node.id)
-        return ".".join(reversed(parts))
-    if isinstance(node, ast.Call):  # e.g. torch.no_grad().__enter__ chains: keep the tail
-        inner = dotted_name(node.func)
-        if inner is not None:
-            parts.append(inner + "()")
-            return ".".join(reversed(parts))
-    return None
-
-
-def _is_literal(node: Optional[ast.AST], value: bool) -> bool:
-    return isinstance(node, ast.Constant) and node.value is value
-
-
-def grad_disable_kind(node: ast.AST) -> Optional[str]:
-    """The kind of grad-disabling expression ``node`` is, or ``None``.
-
-    Recognises ``no_grad()``, ``inference_mode()`` (not ``inference_mode(False)``),
-    ``set_grad_enabled(<anything but True>)``, and bare ``no_grad`` /
-    ``inference_mode`` references (decorators without parentheses), under any module
-    prefix (``torch.``, ``torch.autograd.``, a local alias...).
-    """
-    call_args: list[ast.AST] = []
-    keywords: list[ast.keyword] = []
-    target = node
-    if isinstance(node, ast.Call):
-        target = node.func
-        call_args = list(node.args)
-        keywords = list(node.keywords)
-    name = dotted_name(target)
-    if name is None:
-        return None
-    tail = name.rsplit(".", 1)[-1]
-    if tail == "no_grad":
-        return "no_grad"
-    if tail == "inference_mode":
-        mode = call_args[0] if call_args else next((k.value for k in keywords if k.arg == "mode"), None)
-        return None if _is_literal(mode, False) else "inference_mode"
-    if tail in ("set_grad_enabled", "_set_grad_enabled") and isinstance(node, ast.Call):
-        mode = call_args[0] if call_args else next((k.value for k in keywords if k.arg == "mode"), None)
-        return None if _is_literal(mode, True) else "set_grad_enabled"
-    return None
 
 
 def _render(node: ast.AST) -> str:
@@ -346,17 +291,18 @@ def scan_function(
             kind, form, SourceLocation(filename, line, function, source_line(filename, line)), statement
         )
 
+    aliases = import_aliases(tree)  # from torch import no_grad as ng; import torch as T
     withs: list[tuple[ast.AST, ast.AST, str]] = []
     calls: list[tuple[ast.Call, str]] = []
     enables: list[ast.Call] = []
     for node in _walk_own_body(func_node):
         if isinstance(node, (ast.With, ast.AsyncWith)):
             for item in node.items:
-                kind = grad_disable_kind(item.context_expr)
+                kind = grad_disable_kind(item.context_expr, aliases)
                 if kind is not None:
                     withs.append((node, item.context_expr, kind))
         elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
-            kind = grad_disable_kind(node.value)
+            kind = grad_disable_kind(node.value, aliases)
             name = dotted_name(node.value.func) or ""
             if kind == "set_grad_enabled":
                 calls.append((node.value, kind))
@@ -381,7 +327,7 @@ def scan_function(
                 return site("set_grad_enabled", "call", last_off, _render(last_off))
     decorators = getattr(func_node, "decorator_list", [])
     for decorator in decorators:
-        kind = grad_disable_kind(decorator)
+        kind = grad_disable_kind(decorator, aliases)
         if kind is not None:
             return site(kind, "decorator", decorator, f"@{_render(decorator)}")
     if current_line is None:

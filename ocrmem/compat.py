@@ -64,12 +64,32 @@ def quiet_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+# Every transformers load in the project passes these: local files only, and never code from a
+# model directory. With `trust_remote_code=False` transformers raises instead of asking "Do you
+# wish to run the custom code? [y/N]" at a terminal (which it does when the argument is None).
+NO_REMOTE_CODE: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+
+
 def load_causal_lm(path: str, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a local causal LM directory with no network access and no remote code."""
     from transformers import AutoModelForCausalLM
 
     with quiet_progress():
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **dtype_kwarg(dtype))
+        return AutoModelForCausalLM.from_pretrained(path, **NO_REMOTE_CODE, **dtype_kwarg(dtype))
+
+
+def is_causal_lm_type(model_type: Any) -> bool:
+    """Whether ``AutoModelForCausalLM`` of this transformers builds ``model_type`` (a config.json field)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return isinstance(model_type, str) and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def load_tokenizer(path: str) -> Any:
+    """Load a local tokenizer directory with no network access and no remote code."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE)
 
 
 def trainer_processing_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -181,7 +201,10 @@ __all__ = [
     "enable_activation_checkpointing",
     "has_qwen3",
     "is_activation_checkpointing",
+    "is_causal_lm_type",
+    "NO_REMOTE_CODE",
     "load_causal_lm",
+    "load_tokenizer",
     "quiet_progress",
     "numpy_safe_globals",
     "rotate_checkpoints",

@@ -11,6 +11,7 @@ rejected here, with the field name, the value and the fix.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -79,8 +80,9 @@ class MEMConfig(PretrainedConfig):
         compute_dtype: str | None = None,
         **kwargs: Any,
     ) -> None:
-        self.base_model_name = base_model_name or ""
-        self.ocr_model_name = ocr_model_name or ""
+        # Path objects are welcome, but config.json holds strings.
+        self.base_model_name = os.fspath(base_model_name) if isinstance(base_model_name, os.PathLike) else base_model_name or ""
+        self.ocr_model_name = os.fspath(ocr_model_name) if isinstance(ocr_model_name, os.PathLike) else ocr_model_name or ""
         self.vision_embedding_size = vision_embedding_size
         self.context_threshold = context_threshold
         self.encoder_readout = encoder_readout
@@ -91,36 +93,64 @@ class MEMConfig(PretrainedConfig):
         self.max_pages = max_pages
         self.font_path = font_path
         self.font_size = font_size
-        self.extra_trainable = list(extra_trainable or [])
+        # Only a list/tuple is taken as a list: a bare string would become a list of its letters
+        # (and a dict a list of its keys); anything else is kept as given for _validate to refuse.
+        if extra_trainable is None:
+            extra_trainable = []
+        self.extra_trainable = list(extra_trainable) if isinstance(extra_trainable, (list, tuple)) else extra_trainable
         self.empty_memory_policy = empty_memory_policy
         self.compute_dtype = compute_dtype
         super().__init__(**kwargs)
         self._validate()
 
     def _validate(self) -> None:
-        def fail(field: str, value: Any, fix: str) -> None:
-            raise ConfigError(f"MEMConfig: `{field}` is {value!r}; {fix}")
+        """Check every field; :class:`MEMModel` calls this again in ``forward``, so a value set
+        wrong after construction (``config.context_threshold = -5``) fails there too. (Not named ``validate``: transformers 5
+        configs already have one.)
 
+        Raises:
+            ConfigError: naming the field, its value and the fix.
+        """
+        def fail(field: str, value: Any, fix: str) -> None:
+            raise ConfigError(f"MEMConfig: `{field}` is {value!r} ({type(value).__name__}); {fix}")
+
+        def is_int(value: Any) -> bool:  # bool is an int subclass, but context_threshold=True is a mistake
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for field in ("base_model_name", "ocr_model_name"):
+            if not isinstance(getattr(self, field), str):
+                fail(field, getattr(self, field), "use the path of a local model directory (a str).")
         if self.vision_embedding_size is not None and (
-            not isinstance(self.vision_embedding_size, int) or self.vision_embedding_size <= 0
+            not is_int(self.vision_embedding_size) or self.vision_embedding_size <= 0
         ):
             fail("vision_embedding_size", self.vision_embedding_size, "use a positive int or None (= the encoder's width).")
-        if not isinstance(self.context_threshold, int) or self.context_threshold < 0:
+        if not is_int(self.context_threshold) or self.context_threshold < 0:
             fail("context_threshold", self.context_threshold, "use a non-negative int (tokens of history kept as text).")
         if self.encoder_readout not in ENCODER_READOUTS:
             fail("encoder_readout", self.encoder_readout, f"use one of {', '.join(ENCODER_READOUTS)}.")
         if self.projector_type not in PROJECTOR_TYPES:
             fail("projector_type", self.projector_type, f"use one of {', '.join(PROJECTOR_TYPES)}.")
-        if not isinstance(self.max_pages, int) or self.max_pages < 1:
+        if not is_int(self.max_pages) or self.max_pages < 1:
             fail("max_pages", self.max_pages, "use a positive int.")
-        if not self.assistant_marker:
-            fail("assistant_marker", self.assistant_marker, "use the text that opens the assistant turn.")
-        if not self.memory_token:
-            fail("memory_token", self.memory_token, "use a special token of the LLM's tokenizer.")
+        if not isinstance(self.assistant_marker, str) or not self.assistant_marker:
+            fail("assistant_marker", self.assistant_marker, "use the text that opens the assistant turn (a non-empty str).")
+        if not isinstance(self.memory_token, str) or not self.memory_token:
+            fail("memory_token", self.memory_token, "use a special token of the LLM's tokenizer (a non-empty str).")
+        if self.memory_token_id is not None and (not is_int(self.memory_token_id) or self.memory_token_id < 0):
+            fail("memory_token_id", self.memory_token_id, "use a non-negative int token id, or None to look `memory_token` up.")
+        if self.font_path is not None and not isinstance(self.font_path, str):
+            fail("font_path", self.font_path, "use the path of a .ttf/.ttc/.otf file (a str), or None.")
+        if self.font_size is not None and (not is_int(self.font_size) or self.font_size < 1):
+            fail("font_size", self.font_size, "use a positive int (pixels), or None.")
+        if isinstance(self.extra_trainable, str):
+            fail("extra_trainable", self.extra_trainable, f"use a list of parameter-name prefixes, e.g. [{self.extra_trainable!r}].")
+        if not isinstance(self.extra_trainable, (list, tuple)) or not all(
+            isinstance(p, str) and p for p in self.extra_trainable
+        ):
+            fail("extra_trainable", self.extra_trainable, "use a list of non-empty parameter-name prefixes (str), e.g. [].")
         if self.empty_memory_policy not in EMPTY_MEMORY_POLICIES:
             fail("empty_memory_policy", self.empty_memory_policy, f"use one of {', '.join(EMPTY_MEMORY_POLICIES)}.")
         if self.compute_dtype not in (None, "float32", "bfloat16", "float16"):
             fail("compute_dtype", self.compute_dtype, "use None, 'float32', 'bfloat16' or 'float16'.")
-
 
 __all__ = ["ENCODER_READOUTS", "EMPTY_MEMORY_POLICIES", "MEMConfig", "PROJECTOR_TYPES"]

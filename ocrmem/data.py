@@ -16,13 +16,14 @@ where the memory tokens are.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError, InputTypeError
 from .modeling import IGNORE_INDEX, left_pad
 from .rendering import PageRenderer, pixel_values_from_text
 
@@ -32,20 +33,92 @@ def format_turn(role: str, content: str) -> str:
     return f"<|im_start|>{role}\n{content}<|im_end|>\n"
 
 
-def split_chat(messages: list[dict[str, str]]) -> dict[str, str]:
+def split_chat(messages: list[dict[str, str]], where: str = "`messages`") -> dict[str, str]:
     """Split a chat into ``history`` (every turn before the last user turn), ``prompt`` and ``response``.
 
+    Args:
+        messages: ``[{"role": ..., "content": ...}, ...]``.
+        where: How error messages name the chat (e.g. ``"data.jsonl:3: `messages`"``).
+
     Raises:
+        InputTypeError: ``messages`` is not a list of ``{"role": str, "content": str}`` dicts.
         ConfigError: The chat does not end with a user turn followed by an assistant turn.
     """
-    if len(messages) < 2 or messages[-1].get("role") != "assistant" or messages[-2].get("role") != "user":
-        roles = [m.get("role") for m in messages]
+    if not isinstance(messages, (list, tuple)):
+        raise InputTypeError(
+            f"{where} has type {type(messages).__name__} ({_short(messages)}); it must be a list of turns "
+            '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...].'
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InputTypeError(
+                f"{where}[{i}] has type {type(message).__name__} ({_short(message)}); each turn must be a dict "
+                '{"role": ..., "content": ...}.'
+            )
+        for key in ("role", "content"):
+            if key not in message:
+                raise InputError(f"{where}[{i}] has no `{key}` (keys: {sorted(message)}); each turn needs `role` and `content`.")
+            if not isinstance(message[key], str):
+                raise InputTypeError(
+                    f"{where}[{i}][{key!r}] has type {type(message[key]).__name__} ({_short(message[key])}); it must be a str."
+                )
+    if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
+        roles = [m["role"] for m in messages]
         raise ConfigError(
-            f"`messages` must end with a user turn then an assistant turn, got roles {roles}; "
+            f"{where} must end with a user turn then an assistant turn, got roles {roles}; "
             "the assistant turn is what is trained on."
         )
     history = "".join(format_turn(m["role"], m["content"]) for m in messages[:-2])
     return {"history": history, "prompt": messages[-2]["content"], "response": messages[-1]["content"]}
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_example(example: Any, where: str, memory_token: str | None = None) -> dict[str, str]:
+    """One training example as ``{"history", "prompt", "response"}`` strings, checked.
+
+    Args:
+        example: A dict with those keys, or with ``messages`` (chat format).
+        where: How error messages name the example (``"example 3"``, ``"data.jsonl:3"``).
+        memory_token: When given, refuse it inside ``prompt``/``response``: those are tokenised,
+            and a literal memory token there would take a page feature's place (the rendered
+            ``history`` may contain it: it becomes pixels).
+
+    Raises:
+        InputTypeError: Not a dict, or a field that is not a str (``None`` included).
+        InputError: A missing field, or the memory token inside the tokenised text.
+    """
+    if not isinstance(example, dict):
+        raise InputTypeError(
+            f"{where} has type {type(example).__name__} ({_short(example)}); an example is a dict with `history`, "
+            "`prompt`, `response` (or `messages` in chat format)."
+        )
+    if "messages" in example:
+        example = split_chat(example["messages"], f"{where}: `messages`")
+    missing = [k for k in ("history", "prompt", "response") if k not in example]
+    if missing:
+        raise InputError(
+            f"{where} is missing {missing} (keys: {sorted(example)}); give `history`, `prompt`, `response` "
+            "(or `messages` in chat format)."
+        )
+    for key in ("history", "prompt", "response"):
+        if not isinstance(example[key], str):
+            fix = " Use '' for no history." if key == "history" else ""
+            raise InputTypeError(
+                f"{where}: `{key}` has type {type(example[key]).__name__} ({_short(example[key])}); it must be a str.{fix}"
+            )
+    if memory_token:
+        for key in ("prompt", "response"):
+            if memory_token in example[key]:
+                raise InputError(
+                    f"{where}: `{key}` contains the memory token {memory_token!r} literally; tokenised, it would stand "
+                    f"for a page feature that does not exist. Remove or replace it, e.g. "
+                    f"text.replace({memory_token!r}, {memory_token.replace('|', '')!r})."
+                )
+    return example
 
 
 class MemoryCollator:
@@ -72,6 +145,7 @@ class MemoryCollator:
         font_size: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.memory_token = memory_token
         self.tokens_per_page = tokens_per_page
         self.max_pages = max_pages
         self.memory_token_id = tokenizer.convert_tokens_to_ids(memory_token)
@@ -98,16 +172,24 @@ class MemoryCollator:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Collate ``examples`` (see the class docstring).
+
+        Raises:
+            InputTypeError / InputError: ``examples`` is empty or not a list, or an example is
+                malformed (see :func:`check_example`); the message names the example's index.
+        """
+        if not isinstance(examples, (list, tuple)):
+            raise InputTypeError(
+                f"MemoryCollator takes a list of examples, got a {type(examples).__name__} ({_short(examples)})."
+            )
+        if not examples:
+            raise InputError(
+                "MemoryCollator got an empty list of examples; a batch needs at least one "
+                "(check the dataset's length and the DataLoader's batch_size)."
+            )
         rows_ids, rows_labels, pages = [], [], []
-        for example in examples:
-            if "messages" in example:
-                example = split_chat(example["messages"])
-            missing = [k for k in ("history", "prompt", "response") if k not in example]
-            if missing:
-                raise ConfigError(
-                    f"example is missing {missing}; give `history`, `prompt`, `response` "
-                    "(or `messages` in chat format)."
-                )
+        for index, example in enumerate(examples):
+            example = check_example(example, f"example {index}", self.memory_token)
             row_pages = pixel_values_from_text(self.renderer, example["history"], self.max_pages)  # (p, 3, S, S)
             prompt_ids = self._encode(format_turn("user", example["prompt"]) + "<|im_start|>assistant\n")
             answer_ids = self._encode(f"{example['response']}<|im_end|>\n")
@@ -170,11 +252,19 @@ def load_jsonl_examples(path: str | Path) -> list[dict[str, Any]]:
         FileNotFoundError: No such file.
         ConfigError: A line is not valid JSON or not an object; the message names the line.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputTypeError(f"load_jsonl_examples: `path` is {_short(path)}; pass the path of a .jsonl file.")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"data file {str(path)!r} is a directory; pass the .jsonl file itself (one JSON object per line).")
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"data file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8 JSONL.") from err
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -183,15 +273,31 @@ def load_jsonl_examples(path: str | Path) -> list[dict[str, Any]]:
             raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg}); one JSON object per line.") from err
         if not isinstance(example, dict):
             raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(example).__name__}.")
-        examples.append(split_chat(example["messages"]) if "messages" in example else example)
+        examples.append(check_example(example, f"{path}:{number}"))
     return examples
 
 
-def seed_path_batch(tokenizer: Any, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def seed_path_batch(
+    tokenizer: Any, examples: list[dict[str, Any]], memory_token: str = "<|image_pad|>"
+) -> dict[str, torch.Tensor]:
     """What the user's own training fed the model: the whole chat as ``input_ids`` (no pages),
-    ``labels = input_ids``, left-padded. The model splits and compresses history itself."""
+    ``labels = input_ids``, left-padded. The model splits and compresses history itself.
+
+    Raises:
+        InputTypeError / InputError: A malformed example, or ``memory_token`` anywhere in the
+            text (the whole chat is tokenised here, so it would switch compression off).
+    """
+    if not examples:
+        raise InputError("seed_path_batch got no examples; give at least one.")
     rows = []
-    for example in examples:
+    for index, example in enumerate(examples):
+        example = check_example(example, f"example {index}", memory_token)
+        if memory_token in example["history"]:
+            raise InputError(
+                f"example {index}: `history` contains the memory token {memory_token!r} literally; on the seed path the "
+                "whole chat is tokenised and the model would take it for compressed memory. Remove or replace it, e.g. "
+                f"text.replace({memory_token!r}, {memory_token.replace('|', '')!r})."
+            )
         text = example["history"] + format_turn("user", example["prompt"])
         text += format_turn("assistant", example["response"])
         rows.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
@@ -208,6 +314,7 @@ def build_sample_batch(model: Any, batch_size: int = 2, seed: int = 0) -> dict[s
 __all__ = [
     "MemoryCollator",
     "build_sample_batch",
+    "check_example",
     "format_turn",
     "load_jsonl_examples",
     "seed_path_batch",

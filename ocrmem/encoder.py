@@ -52,6 +52,16 @@ logger = logging.getLogger(__name__)
 Readout = Literal["deepseek_ocr", "tokens_plus_clip"]
 READOUTS: tuple[str, ...] = ("deepseek_ocr", "tokens_plus_clip")
 
+# Pixel normalisations as (mean, std) per RGB channel, applied to pixels in [0, 1].
+# "deepseek_ocr": DeepSeek-OCR's ToTensor + Normalize(0.5, 0.5), what its encoder was trained on
+# and what ocrmem's renderer produces (u8 / 127.5 - 1, in [-1, 1]); the default for both read-outs.
+# "clip": CLIP's mean/std, what the user's encoder package applies to PIL images by default.
+PIXEL_NORMS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "deepseek_ocr": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+DEFAULT_PIXEL_NORM = "deepseek_ocr"
+
 # Every vision-side checkpoint key starts with one of these (or is one of the two singletons).
 CHECKPOINT_PREFIX = "model."
 _VISION_PREFIXES = ("model.sam_model.", "model.vision_model.", "model.projector.")
@@ -64,6 +74,8 @@ _DEEPSEEK_ONLY_PREFIXES = (
     "model.image_newline",
     "model.view_seperator",
 )
+_SAM_BLOCKS = "model.sam_model.blocks."
+_CLIP_LAYERS = "model.vision_model.transformer.layers."
 _CONFIG_NAME = "config.json"
 _WEIGHTS_NAME = "model.safetensors"
 _INDEX_NAME = "model.safetensors.index.json"
@@ -247,6 +259,45 @@ class DeepEncoderSpec:
 def _check_readout(readout: str) -> None:
     if readout not in READOUTS:
         raise ConfigError(f"`readout` must be one of {READOUTS}, got {readout!r}.")
+
+
+def _check_pixel_norm(pixel_norm: object) -> str:
+    if not isinstance(pixel_norm, str) or pixel_norm not in PIXEL_NORMS:
+        raise ConfigError(
+            f"`pixel_norm` must be one of {tuple(PIXEL_NORMS)}, got {pixel_norm!r}; \"deepseek_ocr\" (mean = std = "
+            "0.5) is what DeepSeek-OCR's encoder was trained with, \"clip\" reproduces the encoder package's "
+            "own PIL preprocessing."
+        )
+    return pixel_norm
+
+
+def normalize_pixels(pages: Tensor, pixel_norm: str = DEFAULT_PIXEL_NORM) -> Tensor:
+    """Encoder input from uint8 pages, normalised as ``pixel_norm`` says.
+
+    Args:
+        pages: (P, 3, S, S) uint8 (a (P, 1, S, S) grey page is repeated to 3 channels).
+        pixel_norm: a key of ``PIXEL_NORMS``.
+
+    Returns:
+        float32 (P, 3, S, S). For ``"deepseek_ocr"`` it is ``u8 / 127.5 - 1``, bit for bit
+        DeepSeek-OCR's ``(u8 / 255 - 0.5) / 0.5`` (and the renderer's output); for ``"clip"``
+        ``(u8 / 255 - mean) / std``.
+
+    Raises:
+        ConfigError: unknown ``pixel_norm``.
+        ValueError: ``pages`` not uint8 of shape (P, 1 or 3, S, S).
+    """
+    _check_pixel_norm(pixel_norm)
+    if pages.dtype != torch.uint8 or pages.ndim != 4 or pages.shape[1] not in (1, 3):
+        raise ValueError(
+            f"`pages` must be uint8 of shape (P, 3, S, S) or (P, 1, S, S), got {pages.dtype} {tuple(pages.shape)}; "
+            "pass the rendered pages before normalisation."
+        )
+    pages = pages.expand(-1, 3, -1, -1)
+    if pixel_norm == "deepseek_ocr":
+        return pages.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in PIXEL_NORMS[pixel_norm])
+    return (pages.to(torch.float32) / 255 - mean) / std
 
 
 def _check_image_size(spec: DeepEncoderSpec, image_size: int) -> int:
@@ -619,19 +670,41 @@ class ClipVisionModel(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(spec.clip_width, eps=1e-5)  # sic: the checkpoint's spelling
         self.transformer = ClipTransformer(spec)
 
+    def position_table(self) -> Tensor:
+        """CLIP's position table (1 + g0*g0, D) in the module's compute dtype.
+
+        The compute dtype is that of ``pre_layrnorm.weight``. An engine that casts only the
+        parameters (DeepSpeed's bf16/fp16 modes) leaves the tokens_plus_clip table, a buffer,
+        in fp32; following the parameters here keeps the forward in one dtype.
+        """
+        table = self.embeddings.position_embedding.weight
+        dtype = self.pre_layrnorm.weight.dtype
+        return table if table.dtype == dtype else table.to(dtype)
+
     def grid_positions(self, grid: int) -> Tensor:
-        """Positions of a ``grid`` x ``grid`` token map, without the class token, (grid*grid, D)."""
-        table = self.embeddings.position_embedding.weight  # (1 + g0*g0, D)
+        """Positions of a ``grid`` x ``grid`` token map, without the class token, (grid*grid, D).
+
+        Resampled bicubically when ``grid`` differs from the table's grid, the way each
+        read-out's reference does it: DeepSeek-OCR (deepseek_ocr) in fp32 with antialias, then
+        cast back; the user's package (tokens_plus_clip) in the table's own dtype without
+        antialias. In bf16 the two differ by about one bf16 step in half of the elements.
+        """
+        table = self.position_table()  # (1 + g0*g0, D)
         g0 = math.isqrt(table.shape[0] - 1)
         positions = table[1:]  # (g0*g0, D)
         if g0 == grid:
             return positions
         D = table.shape[1]
-        positions = positions.float().reshape(1, g0, g0, D).permute(0, 3, 1, 2)  # (1, D, g0, g0)
-        positions = F.interpolate(
-            positions, size=(grid, grid), mode="bicubic", antialias=self.with_class_token, align_corners=False
-        )  # (1, D, grid, grid)
-        return positions.permute(0, 2, 3, 1).reshape(grid * grid, D).to(table.dtype)
+        positions = positions.reshape(1, g0, g0, D).permute(0, 3, 1, 2)  # (1, D, g0, g0)
+        if self.with_class_token:
+            positions = F.interpolate(
+                positions.float(), size=(grid, grid), mode="bicubic", antialias=True, align_corners=False
+            ).to(table.dtype)  # (1, D, grid, grid)
+        else:
+            positions = F.interpolate(
+                positions, size=(grid, grid), mode="bicubic", antialias=False, align_corners=False
+            )  # (1, D, grid, grid)
+        return positions.permute(0, 2, 3, 1).reshape(grid * grid, D)
 
     def forward(self, patch_tokens: Tensor) -> Tensor:
         """
@@ -675,20 +748,30 @@ class DeepEncoder(nn.Module):
         readout: ``"deepseek_ocr"`` or ``"tokens_plus_clip"`` (see the module docstring).
     """
 
-    def __init__(self, spec: DeepEncoderSpec | None = None, readout: Readout = "tokens_plus_clip") -> None:
+    def __init__(
+        self,
+        spec: DeepEncoderSpec | None = None,
+        readout: Readout = "tokens_plus_clip",
+        pixel_norm: str = DEFAULT_PIXEL_NORM,
+    ) -> None:
         """
         Args:
             spec: sizes; ``DeepEncoderSpec.full()`` when None.
             readout: ``"tokens_plus_clip"`` (default, the user's package) or ``"deepseek_ocr"``.
+            pixel_norm: the normalisation the encoder sees (a key of ``PIXEL_NORMS``).
+                ``forward`` always takes DeepSeek-OCR-normalised pixels (the renderer's
+                [-1, 1]); with ``"clip"`` it re-normalises them to CLIP's mean/std first, as
+                the user's encoder package does to PIL images by default.
 
         Raises:
-            ConfigError: if ``readout`` is unknown.
+            ConfigError: if ``readout`` or ``pixel_norm`` is unknown.
         """
         super().__init__()
         spec = spec if spec is not None else DeepEncoderSpec.full()
         _check_readout(readout)
         self.spec = spec
         self.readout = readout
+        self.pixel_norm = _check_pixel_norm(pixel_norm)
         self.sam_model = SamEncoder(spec)
         self.vision_model = ClipVisionModel(spec, with_class_token=readout == "deepseek_ocr")
         if readout == "deepseek_ocr":
@@ -743,8 +826,9 @@ class DeepEncoder(nn.Module):
         """Encode pages.
 
         Args:
-            pixel_values: (P, 3, S, S) normalised pages, S a multiple of 64; cast to the
-                encoder's device and dtype.
+            pixel_values: (P, 3, S, S) pages normalised like DeepSeek-OCR (mean = std = 0.5,
+                in [-1, 1]; ``normalize_pixels`` or the renderer), S a multiple of 64; cast to
+                the encoder's device and dtype (after the re-normalisation ``pixel_norm`` asks for).
 
         Returns:
             (P, T, D) with T = ``tokens_per_page(S)`` and D = ``output_dim``.
@@ -760,6 +844,12 @@ class DeepEncoder(nn.Module):
         P, S = pixel_values.shape[0], pixel_values.shape[-1]
         T = self.tokens_per_page(S)
         weight = self.sam_model.patch_embed.proj.weight
+        if self.pixel_norm != "deepseek_ocr":
+            mean, std = (
+                torch.tensor(v, dtype=torch.float32, device=pixel_values.device).view(1, 3, 1, 1)
+                for v in PIXEL_NORMS[self.pixel_norm]
+            )
+            pixel_values = ((pixel_values.float() + 1.0) * 0.5 - mean) / std  # [-1, 1] -> [0, 1] -> this norm
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
         if P == 0:
             # Reshapes below cannot infer sizes from zero elements; no pages, no features.
@@ -860,11 +950,65 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def _infer_spec(shapes: dict[str, tuple[int, ...]], where: Path) -> DeepEncoderSpec:
+def _layer_indices(shapes: dict[str, tuple[int, ...]], prefix: str) -> list[int]:
+    """Sorted layer numbers ``i`` of the keys ``prefix + "i." + ...``."""
+    found = set()
+    for key in shapes:
+        if key.startswith(prefix):
+            head = key[len(prefix):].split(".", 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    return sorted(found)
+
+
+def _check_layer_numbering(shapes: dict[str, tuple[int, ...]], where: Path) -> None:
+    """Refuse a checkpoint whose SAM blocks or CLIP layers are not numbered 0..n-1 without gaps.
+
+    A missing middle layer would otherwise shift every later one, or (with sizes inferred
+    from the tensors) load as a shallower encoder.
+    """
+    for prefix, what in ((_SAM_BLOCKS, "SAM block"), (_CLIP_LAYERS, "CLIP layer")):
+        found = _layer_indices(shapes, prefix)
+        gaps = sorted(set(range(found[-1] + 1)) - set(found)) if found else []
+        if gaps:
+            raise CheckpointError(
+                f"Checkpoint {where} has {what}s numbered {found[0]}..{found[-1]} but no key "
+                f"{prefix}{gaps[0]}.* (missing {what} number(s) {gaps}). The checkpoint is incomplete; "
+                "re-download or re-save it."
+            )
+
+
+def _check_known_layout(spec: DeepEncoderSpec, where: Path, readout: str) -> None:
+    """Compare sizes inferred from the tensors with DeepSeek-OCR's; refuse any difference.
+
+    Without ``ocrmem_encoder`` in config.json nothing states the sizes, so a checkpoint that
+    lost every key of its last CLIP layer or SAM block would load as a shallower encoder.
+    The only layout accepted without a stated spec is the published one.
+    """
+    known = DeepEncoderSpec.full()
+    ignore = set() if readout == "deepseek_ocr" else {"projector_in", "projector_out"}
+    diffs = [
+        f"{f.name} = {getattr(spec, f.name)!r} (DeepSeek-OCR: {getattr(known, f.name)!r})"
+        for f in fields(DeepEncoderSpec)
+        if f.name not in ignore and getattr(spec, f.name) != getattr(known, f.name)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"Checkpoint {where} has no `ocrmem_encoder` entry in {_CONFIG_NAME}, and the sizes inferred from its "
+            f"tensors differ from DeepSeek-OCR's: {'; '.join(diffs)}. If it is DeepSeek-OCR, it is incomplete "
+            "(e.g. the last SAM block or CLIP layer is missing): re-download it. If it is a different encoder on "
+            f"purpose, state its sizes: add \"ocrmem_encoder\": DeepEncoderSpec(...).to_dict() to {_CONFIG_NAME} "
+            "(save_deepencoder writes it)."
+        )
+
+
+def _infer_spec(shapes: dict[str, tuple[int, ...]], where: Path, readout: str = "deepseek_ocr") -> DeepEncoderSpec:
     """Derive the sizes from checkpoint shapes (for DeepSeek-OCR's own checkpoint).
 
     CLIP's head count is not visible in any shape; it is taken as width / 64, true of CLIP-L
     and of DeepSeek-OCR. Tiny or custom checkpoints carry ``ocrmem_encoder`` in config.json.
+    The projector's shape is read only for the read-out that uses it (deepseek_ocr), so a
+    projector the tokens_plus_clip read-out never loads cannot make it fail.
     """
     needed = [
         "model.sam_model.pos_embed",
@@ -886,8 +1030,7 @@ def _infer_spec(shapes: dict[str, tuple[int, ...]], where: Path) -> DeepEncoderS
         )
 
     def indices(prefix: str) -> list[int]:
-        found = {int(k[len(prefix):].split(".", 1)[0]) for k in shapes if k.startswith(prefix)}
-        return sorted(found)
+        return _layer_indices(shapes, prefix)
 
     _, grid, _, sam_width = shapes["model.sam_model.pos_embed"]
     patch = shapes["model.sam_model.patch_embed.proj.weight"][-1]
@@ -898,7 +1041,9 @@ def _infer_spec(shapes: dict[str, tuple[int, ...]], where: Path) -> DeepEncoderS
     window = (window_rows[0] + 1) // 2 if window_rows else DeepEncoderSpec.sam_window
     head_dim = shapes["model.sam_model.blocks.0.attn.rel_pos_h"][1]
     clip_width = shapes["model.sam_model.net_3.weight"][0]
-    projector = shapes.get("model.projector.layers.weight", (DeepEncoderSpec.projector_out, 2 * clip_width))
+    projector = (DeepEncoderSpec.projector_out, 2 * clip_width)
+    if readout == "deepseek_ocr":
+        projector = shapes.get("model.projector.layers.weight", projector)
     patch_embedding = shapes.get("model.vision_model.embeddings.patch_embedding.weight")
     try:
         return DeepEncoderSpec(
@@ -953,6 +1098,7 @@ def load_deepencoder(
     readout: Readout = "tokens_plus_clip",
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    pixel_norm: str | None = None,
 ) -> DeepEncoder:
     """Load the vision side of a DeepSeek-OCR checkpoint directory into a DeepEncoder.
 
@@ -967,6 +1113,10 @@ def load_deepencoder(
         dtype: dtype of the loaded encoder; when None, the checkpoint's dtype of
             ``sam_model.patch_embed.proj.weight`` (bf16 for DeepSeek-OCR).
         device: where the tensors go.
+        pixel_norm: the pixel normalisation (a key of ``PIXEL_NORMS``); when None,
+            ``ocrmem_pixel_norm`` of config.json, else ``"deepseek_ocr"`` (mean = std = 0.5)
+            for both read-outs. The choice is logged at INFO level and kept as
+            ``encoder.pixel_norm``.
 
     Returns:
         The encoder in eval mode; parameters keep ``requires_grad=True`` (freeze them yourself).
@@ -980,6 +1130,13 @@ def load_deepencoder(
     _check_readout(readout)
     directory, files, key_to_file = _weight_files(Path(path))
     config = _read_config(directory)
+    if pixel_norm is None:
+        pixel_norm = config.get("ocrmem_pixel_norm", DEFAULT_PIXEL_NORM)
+        try:
+            _check_pixel_norm(pixel_norm)
+        except ConfigError as exc:
+            raise CheckpointError(f"`ocrmem_pixel_norm` in {directory / _CONFIG_NAME} is invalid: {exc}") from exc
+    _check_pixel_norm(pixel_norm)
 
     with ExitStack() as stack:
         handles: dict[Path, Any] = {}
@@ -1012,6 +1169,7 @@ def load_deepencoder(
                     f"{file} does not hold {key} although {_INDEX_NAME} says so ({exc}); re-download the checkpoint."
                 ) from exc
 
+        _check_layer_numbering(shapes, directory)
         if "ocrmem_encoder" in config:
             try:
                 spec = DeepEncoderSpec.from_dict(config["ocrmem_encoder"])
@@ -1020,9 +1178,22 @@ def load_deepencoder(
                     f"`ocrmem_encoder` in {directory / _CONFIG_NAME} is invalid: {exc}"
                 ) from exc
         else:
-            spec = _infer_spec(shapes, directory)
+            spec = _infer_spec(shapes, directory, readout)
+            _check_known_layout(spec, directory, readout)
 
         expected = _expected_shapes(spec, readout)
+        # Layers beyond the stated depth would be ignored like unknown keys: say so instead.
+        deeper = [
+            k for k in shapes
+            if k.startswith((_SAM_BLOCKS, _CLIP_LAYERS)) and k not in expected
+            and not k.startswith(_DEEPSEEK_ONLY_PREFIXES)
+        ]
+        if deeper:
+            raise CheckpointError(
+                f"Checkpoint {directory} has layers the stated sizes do not use ({_list_keys(sorted(deeper))}): "
+                f"`ocrmem_encoder` in {_CONFIG_NAME} says sam_depth={spec.sam_depth}, clip_layers={spec.clip_layers}. "
+                "Fix `ocrmem_encoder` to match the weights."
+            )
         missing = [k for k in expected if k not in shapes]
         wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
         if missing or wrong:
@@ -1059,8 +1230,11 @@ def load_deepencoder(
             state[key[len(CHECKPOINT_PREFIX):]] = tensor
 
     with torch.device("meta"):
-        encoder = DeepEncoder(spec, readout)
+        encoder = DeepEncoder(spec, readout, pixel_norm)  # type: ignore[arg-type]
     encoder.load_state_dict(state, strict=True, assign=True)
+    mean, std = PIXEL_NORMS[pixel_norm]
+    logger.info("DeepEncoder from %s: %s read-out, pixel normalisation %r (mean %s, std %s).",
+                directory, readout, pixel_norm, mean, std)
     return encoder.eval()
 
 
@@ -1134,6 +1308,7 @@ def save_deepencoder(
     config: dict[str, Any] = {"model_type": "deepseek_vl_v2"}
     config.update(extra_config)
     config["ocrmem_encoder"] = encoder.spec.to_dict()
+    config["ocrmem_pixel_norm"] = encoder.pixel_norm
 
     _atomic_write(directory / _WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _atomic_write(directory / _CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
@@ -1147,7 +1322,10 @@ __all__ = [
     "Readout",
     "decomposed_rel_pos_bias",
     "get_rel_pos",
+    "DEFAULT_PIXEL_NORM",
+    "PIXEL_NORMS",
     "load_deepencoder",
+    "normalize_pixels",
     "save_deepencoder",
     "window_partition",
     "window_unpartition",

@@ -18,6 +18,22 @@ class CheckpointError(OcrMemError, ValueError):
     """A checkpoint is missing keys, has wrong shapes or is corrupt."""
 
 
+class InputError(OcrMemError, ValueError):
+    """A bad argument to ``forward``, the collator or the renderer (wrong shape, range or value)."""
+
+
+class InputTypeError(OcrMemError, TypeError):
+    """An argument of the wrong type (a ``list`` where a ``str`` belongs, float token ids)."""
+
+
+class RemoteCodeError(CheckpointError):
+    """A model directory asks to run custom code (``auto_map``); ``ocrmem`` never runs it."""
+
+
+class FreshProjectorWarning(UserWarning):
+    """``from_pretrained(..., fresh_proj=True)``: ``proj`` starts from a fresh random init."""
+
+
 class EmptyMemoryError(OcrMemError, RuntimeError):
     """A batch has no compressed history and ``empty_memory_policy`` is ``"error"``."""
 
@@ -35,6 +51,10 @@ __all__ = [
     "ConfigError",
     "EmptyMemoryError",
     "EmptyMemoryWarning",
+    "FreshProjectorWarning",
+    "InputError",
+    "InputTypeError",
     "MissingGlyphWarning",
     "OcrMemError",
+    "RemoteCodeError",
 ]

@@ -23,7 +23,8 @@ on batches where no row was long enough to be compressed, so ``proj`` never ran.
 
 from __future__ import annotations
 
-import json
+import copy
+import inspect
 import logging
 import os
 import tempfile
@@ -42,14 +43,33 @@ from transformers.utils import ModelOutput
 from . import compat
 from .configuration import MEMConfig
 from .encoder import DeepEncoder, load_deepencoder
-from .errors import CheckpointError, ConfigError, EmptyMemoryError, EmptyMemoryWarning
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    EmptyMemoryError,
+    EmptyMemoryWarning,
+    FreshProjectorWarning,
+    InputError,
+    InputTypeError,
+    RemoteCodeError,
+)
 from .projector import build_projector
 from .rendering import PageRenderer, pixel_values_from_text
+from .validation import (
+    IGNORE_INDEX,
+    check_finite,
+    check_llm_dir,
+    check_sequence_length,
+    literal_memory_token_message,
+    model_dir_arg,
+    output_dir,
+    read_mem_config,
+    validate_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS_NAME = "model.safetensors"
-IGNORE_INDEX = -100
 _DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -130,14 +150,16 @@ def set_trainable_params(model: nn.Module, prefixes: list[str]) -> int:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory, then rename over ``path``."""
+    """Write through a temporary file in the same directory, then rename over ``path``.
+
+    The file ends up with the mode a plain ``open(path, "w")`` would give (0644 under umask 022):
+    ``mkstemp`` creates 0600, and safetensors >= 0.6 writes 0600 too, whatever the file had.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint should read like any other file
     try:
         write(tmp)
+        os.chmod(tmp, default_file_mode())
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -145,6 +167,20 @@ def _atomic_write(path: Path, write: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def default_file_mode() -> int:
+    """``0o666`` less the process umask: the mode ``open()`` gives a new file."""
+    try:  # Linux: read it, rather than set it for a moment under other threads' feet
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 class MEMModel(PreTrainedModel):
@@ -188,14 +224,18 @@ class MEMModel(PreTrainedModel):
             llm_path = resolve_model_path(config.base_model_name, "base_model_name", model_dir)
         if ocr_embed is None:
             ocr_path = resolve_model_path(config.ocr_model_name, "ocr_model_name", model_dir)
+        # Where each model dir was found, so save_pretrained can write paths that load anywhere.
+        self._source_dirs: dict[str, tuple[str, Path]] = {}
         if base_llm is None:
+            check_llm_dir(llm_path)
             base_llm = compat.load_causal_lm(str(llm_path), dtype=dtype)
+            self._source_dirs["base_model_name"] = (config.base_model_name, llm_path.resolve())
         if ocr_embed is None:
             ocr_embed = load_deepencoder(ocr_path, readout=config.encoder_readout, dtype=dtype)
+            check_finite(ocr_embed.named_parameters(prefix="ocr_embed"), f"the OCR encoder in {ocr_path}")
+            self._source_dirs["ocr_model_name"] = (config.ocr_model_name, ocr_path.resolve())
         if tokenizer is None and llm_path is not None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(llm_path), local_files_only=True)
+            tokenizer = compat.load_tokenizer(str(llm_path))
 
         encoder_width = ocr_embed.output_dim
         proj_in = config.vision_embedding_size or encoder_width
@@ -397,13 +437,23 @@ class MEMModel(PreTrainedModel):
         or a seed-path batch (``input_ids`` only: the model compresses history itself).
 
         Raises:
-            ValueError: The number of memory tokens does not match the encoded pages.
+            InputError / InputTypeError: A bad argument (shape, dtype, range, a token id outside the
+                vocabulary, pages of another size, 0..255 or non-finite pixels, a sequence longer
+                than the LLM's ``max_position_embeddings``) — see :func:`validate_inputs`.
+            ConfigError: A config value set wrong after construction.
+            InputError: The number of memory tokens does not match the encoded pages (for
+                instance chat text holding the memory token ``<|image_pad|>`` literally).
             EmptyMemoryError: No row has memory and ``empty_memory_policy`` is ``"error"``.
         """
+        self.config._validate()  # catches `model.config.context_threshold = -5` set after construction
+        vocab_size = self.base_llm.get_input_embeddings().num_embeddings
+        validate_inputs(input_ids, attention_mask, labels, pixel_values, position_ids, vocab_size, self.page_size)
         has_tokenizer = self.tokenizer is not None
         mem_id = self.memory_token_id if has_tokenizer or self.config.memory_token_id is not None else None
         has_mem_tokens = mem_id is not None and bool((input_ids == mem_id).any())
-        if pixel_values is None and not has_mem_tokens and has_tokenizer:
+        if pixel_values is None and has_mem_tokens:
+            raise InputError(literal_memory_token_message(self.config.memory_token, mem_id, int((input_ids == mem_id).sum())))
+        if pixel_values is None and has_tokenizer:
             batch = self.compress_history(input_ids, attention_mask, labels)
             input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
             labels, pixel_values, position_ids = batch.get("labels"), batch["pixel_values"], None
@@ -412,6 +462,7 @@ class MEMModel(PreTrainedModel):
         if position_ids is None:
             # Positions count real tokens only, so a left-padded row sees the same positions as unpadded.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        check_sequence_length(self.base_llm, input_ids, position_ids, pixel_values, self.tokens_per_page)
 
         embed = self.base_llm.get_input_embeddings()
         inputs_embeds = embed(input_ids)  # (B, L, H)
@@ -422,17 +473,23 @@ class MEMModel(PreTrainedModel):
             vision_embeds = self.embed_pages(pixel_values)  # (P, T, H)
             n_features = vision_embeds.shape[0] * vision_embeds.shape[1]
             if n_tokens != n_features:
-                raise ValueError(
+                raise InputError(
                     "Memory features and memory tokens do not match: "
-                    f"tokens: {n_tokens}, features: {n_features} ({num_pages} pages x {vision_embeds.shape[1]})."
+                    f"tokens: {n_tokens}, features: {n_features} ({num_pages} pages x {vision_embeds.shape[1]}). "
+                    f"`input_ids` must hold exactly {vision_embeds.shape[1]} {self.config.memory_token!r} tokens per "
+                    "page of `pixel_values` (MemoryCollator lays them out)"
+                    + (
+                        f"; the extra {n_tokens - n_features} may come from text that contains {self.config.memory_token!r} "
+                        "literally: remove or replace it before tokenising."
+                        if n_tokens > n_features
+                        else "."
+                    )
                 )
             vision_embeds = vision_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
             mask = memory_mask.unsqueeze(-1).expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(mask, vision_embeds.reshape(-1, vision_embeds.shape[-1]))
         elif n_tokens:
-            raise ValueError(
-                f"Memory features and memory tokens do not match: tokens: {n_tokens}, features: 0 (no pixel_values)."
-            )
+            raise InputError(literal_memory_token_message(self.config.memory_token, mem_id, n_tokens))
         zero_term = None
         skip_loss = labels is not None and torch.is_grad_enabled() and self.config.empty_memory_policy != "error"
         sharded = any(_is_sharded(p) for p in self.proj.parameters())
@@ -528,15 +585,33 @@ class MEMModel(PreTrainedModel):
         """
         if not is_main_process:
             return
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
+        out = output_dir(save_directory, "save_pretrained")
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         # Filter before copying: DeepSpeed/FSDP pass the full state dict (an 8B LLM) on every save.
         source = state_dict if state_dict is not None else dict(self.named_parameters())
         weights = {k: v.detach().cpu().contiguous() for k, v in source.items() if k in trainable}
         _atomic_write(out / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
-        config_text = self.config.to_json_string(use_diff=False)
+        config_text = self._portable_config(out).to_json_string(use_diff=False)
         _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(config_text, encoding="utf-8"))
+
+    def _portable_config(self, out: Path) -> MEMConfig:
+        """The config to write into ``out``: model dirs named so the saved dir loads from anywhere.
+
+        A dir this model was loaded from is written relative to ``out`` when it lies inside
+        ``out`` (the tiny preset's ``"llm"``: the whole dir can be moved), else as an absolute
+        path — never relative to some other directory, which would not resolve from ``out``.
+        A name changed on ``config`` after construction is written as set.
+        """
+        config = copy.deepcopy(self.config)
+        out = out.resolve()
+        for field, (name_at_load, source) in getattr(self, "_source_dirs", {}).items():
+            if getattr(config, field) != name_at_load:
+                continue
+            try:
+                setattr(config, field, source.relative_to(out).as_posix())
+            except ValueError:
+                setattr(config, field, str(source))
+        return config
 
     @classmethod
     def from_pretrained(
@@ -546,31 +621,50 @@ class MEMModel(PreTrainedModel):
         base_llm: nn.Module | None = None,
         ocr_embed: DeepEncoder | None = None,
         tokenizer: Any | None = None,
+        fresh_proj: bool = False,
         **config_overrides: Any,
     ) -> "MEMModel":
         """Load a MEMModel directory written by :meth:`save_pretrained`.
 
+        Args:
+            pretrained_model_name_or_path: The directory (``config.json`` + ``model.safetensors``).
+            base_llm, ocr_embed, tokenizer: Ready parts to use instead of loading them.
+            fresh_proj: Start ``proj`` from a fresh random initialisation instead of the saved
+                adapter (warns with :class:`~ocrmem.errors.FreshProjectorWarning`). Needed to
+                load a directory that has a config but no ``model.safetensors`` yet; without it,
+                such a directory is an error, so a trained adapter is never silently replaced.
+            **config_overrides: :class:`MEMConfig` fields to change (unknown names are an error).
+
         Raises:
-            FileNotFoundError: The directory, its config or a referenced model dir is missing.
-            CheckpointError: The adapter weights are corrupt or do not fit the model.
+            InputTypeError: The path is not a ``str``/``PathLike``.
+            FileNotFoundError / NotADirectoryError: The directory, its config or a referenced
+                model dir is missing, or the path is a file.
+            CheckpointError: ``config.json`` is not a MEMModel config; the adapter weights are
+                missing (without ``fresh_proj``), corrupt, non-finite or do not fit the model.
+            RemoteCodeError: The LLM directory asks to run custom code.
+            ConfigError: An unknown or invalid config value.
         """
-        model_dir = Path(pretrained_model_name_or_path)
-        config_file = model_dir / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{model_dir}: no config.json — not a MEMModel directory (write one with save_pretrained).")
-        try:
-            config_dict = json.loads(config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{config_file} is not valid JSON ({err}).") from err
-        config_dict.pop("model_type", None)
-        config_dict.update(config_overrides)
-        config = MEMConfig(**config_dict)
-        model = cls(config, base_llm=base_llm, ocr_embed=ocr_embed, tokenizer=tokenizer, model_dir=model_dir)
+        model_dir = model_dir_arg(pretrained_model_name_or_path)
+        config = MEMConfig(**read_mem_config(model_dir, config_overrides, _config_fields()))
         weights_file = model_dir / ADAPTER_WEIGHTS_NAME
-        if weights_file.is_file():
-            model.load_adapter_weights(weights_file)
+        if not fresh_proj and not weights_file.is_file():
+            # Fail before loading an 8B LLM for nothing.
+            what = "is a directory, not a file" if weights_file.is_dir() else "does not exist"
+            raise CheckpointError(
+                f"{weights_file} {what}: the trained adapter (proj) of this MEMModel directory is missing. "
+                f"Point from_pretrained at a directory written by save_pretrained, or pass fresh_proj=True "
+                "to start from a freshly initialised proj on purpose."
+            )
+        model = cls(config, base_llm=base_llm, ocr_embed=ocr_embed, tokenizer=tokenizer, model_dir=model_dir)
+        if fresh_proj:
+            found = f"{weights_file} is ignored" if weights_file.exists() else f"{model_dir} has no {ADAPTER_WEIGHTS_NAME}"
+            warnings.warn(
+                f"fresh_proj=True: proj starts from a fresh random initialisation ({found}).",
+                FreshProjectorWarning,
+                stacklevel=2,
+            )
         else:
-            logger.info("%s has no %s: proj keeps its fresh initialisation.", model_dir, ADAPTER_WEIGHTS_NAME)
+            model.load_adapter_weights(weights_file)
         return model
 
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
@@ -589,6 +683,7 @@ class MEMModel(PreTrainedModel):
                 f"missing trainable keys {missing[:10]}. Was it saved from a model with another "
                 "projector_type / vision_embedding_size / base model?"
             )
+        check_finite(weights.items(), str(path))
         with torch.no_grad():
             for key, value in weights.items():
                 own[key].copy_(value)
@@ -606,6 +701,12 @@ class MEMModel(PreTrainedModel):
     def parameter_report(self) -> str:
         """The user's own format, with the breakdown their notes used."""
         return format_parameter_report(self.parameter_counts())
+
+
+def _config_fields() -> list[str]:
+    """The keyword arguments MEMConfig defines itself (what from_pretrained may override)."""
+    params = inspect.signature(MEMConfig.__init__).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
 
 
 def format_parameter_report(counts: dict[str, tuple[int, int]]) -> str:

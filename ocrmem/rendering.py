@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import ConfigError, MissingGlyphWarning
+from .errors import ConfigError, InputTypeError, MissingGlyphWarning
 
 # ----------------------------------------------------------------------------- constants
 
@@ -326,6 +326,27 @@ class _Layout:
         return slice(page * self.lines_per_page, (page + 1) * self.lines_per_page)
 
 
+def check_text(text: object, name: str = "text") -> str:
+    """``text`` if it is a ``str``; else a TypeError naming it (bytes: say to decode).
+
+    Raises:
+        InputTypeError: ``text`` is ``None``, ``bytes``, a list, a number...
+    """
+    if isinstance(text, str):
+        return text
+    if isinstance(text, (bytes, bytearray)):
+        fix = f"decode it first: `{name}.decode('utf-8')`."
+    elif isinstance(text, (list, tuple)):
+        fix = f"join the pieces first: `''.join({name})`, or render each one separately."
+    elif text is None:
+        fix = "pass '' for no text."
+    else:
+        fix = f"convert it first: `str({name})`."
+    shown = repr(text)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise InputTypeError(f"`{name}` to render has type {type(text).__name__} ({shown}), not a str; {fix}")
+
+
 def _check_int(name: str, value: object, minimum: int, hint: str) -> int:
     # bool is an int subclass, but font_size=True is surely a mistake.
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
@@ -426,6 +447,7 @@ class PageRenderer:
     def _layout(self, text: str) -> _Layout:
         """Greedy wrap by pixel width: at the last space that fits, between CJK characters, or
         (for a word longer than a line) at the last character that fits."""
+        check_text(text)
         # surrogatepass: a lone surrogate (bad decoding upstream) must not crash a worker;
         # it becomes an invisible character.
         code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
@@ -686,7 +708,17 @@ class PageRenderer:
         elif len(pages) == 0:
             array = np.zeros((0, size, size, 3), dtype=np.uint8)
         else:
+            for i, page in enumerate(pages):
+                if not isinstance(page, Image.Image):
+                    raise InputTypeError(
+                        f"`pages[{i}]` has type {type(page).__name__}; pass PIL images or one uint8 array (P, S, S, 3)."
+                    )
             array = np.stack([np.asarray(p if p.mode == "RGB" else p.convert("RGB")) for p in pages])
+        if array.dtype != np.uint8:
+            raise InputTypeError(
+                f"`pages` is an array of dtype {array.dtype}; pass uint8 pixels 0..255 (P, S, S, 3), as render_array "
+                "returns them (a float array of 0..1 would be scaled wrongly: use (array * 255).round().astype(np.uint8))."
+            )
         if array.ndim != 4 or array.shape[1:] != (size, size, 3):
             raise ConfigError(
                 f"`pages` must be {size}x{size} RGB pages (array shape (P, {size}, {size}, 3)), got shape "
@@ -767,6 +799,7 @@ __all__ = [
     "DEFAULT_FONT_CANDIDATES",
     "MIN_FONT_SIZE",
     "PageRenderer",
+    "check_text",
     "default_font_path",
     "pixel_values_from_text",
     "render_baseline",

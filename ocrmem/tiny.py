@@ -25,6 +25,7 @@ import torch
 from . import compat
 from .configuration import MEMConfig
 from .encoder import DeepEncoder, DeepEncoderSpec, save_deepencoder
+from .errors import OcrMemError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
 TINY_VOCAB = 1024  # byte-level BPE merges; the 4 specials come after (ids 1024..1027)
@@ -103,9 +104,9 @@ def write_tiny(
         ``path`` as a :class:`~pathlib.Path`.
     """
     from .modeling import MEMModel
+    from .validation import output_dir
 
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
+    root = output_dir(path, "write_tiny")
     tokenizer = build_tiny_tokenizer(seed)
 
     config_cls, model_cls = compat.tiny_llm_classes()
@@ -136,7 +137,22 @@ def write_tiny(
     )
     model = MEMModel(config, model_dir=root)
     model.save_pretrained(root)
+    _make_readable([*(root / "llm").iterdir(), *(root / "ocr").iterdir()])
     return root
+
+
+def _make_readable(files: list[Path]) -> None:
+    """Give the files the preset wrote the mode ``open()`` would (0644 under umask 022).
+
+    safetensors (>= 0.6) writes 0600 whatever the umask, and so do writes through ``mkstemp``;
+    a model directory should read like any other files (shared caches, containers, other users).
+    """
+    from .modeling import default_file_mode
+
+    mode = default_file_mode()
+    for file in files:
+        if file.is_file():
+            file.chmod(mode)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         help="encoder read-out: the user's package (tokens_plus_clip) or DeepSeek-OCR's own",
     )
     args = parser.parse_args(argv)
-    root = write_tiny(args.dir, seed=args.seed, readout=args.readout)
+    try:
+        root = write_tiny(args.dir, seed=args.seed, readout=args.readout)
+    except (OSError, OcrMemError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote tiny MEMModel to {root}/ (llm/, ocr/, config.json, {'model.safetensors'})")
     return 0
 
