@@ -1,6 +1,6 @@
 """Turn saved pytest-benchmark JSON into ``benchmarks/RESULTS.md`` (tables) and PNG plots.
 
-    python benchmarks/report.py                   # results/cpu.json (+ results/gpu.json if present)
+    python benchmarks/report.py                   # results/cpu.json (+ results/gpu.json if present) -> RESULTS.md
     python benchmarks/report.py --gpu-json out/bench-gpu.json --gpu-only --out-md out/RESULTS-gpu.md
 
 Reads only JSON; runs nothing. Every ratio shown was measured side by side in one process (see
@@ -122,6 +122,19 @@ def machine_section(data: dict[str, Any], run_info: dict[str, Any] | None) -> st
     if run_info:
         rows.append(["suite wall time", f"{run_info['seconds']:.0f} s (`{run_info['command']}`, pytest rc {run_info['pytest_rc']})"])
     return table(["", ""], rows)
+
+
+def measured_line(data: dict[str, Any], run_info: dict[str, Any] | None) -> str:
+    """One sentence for the top of the report: when, where and with what the CPU numbers were measured."""
+    info = data.get("machine_info", {})
+    facts = info.get("ocrmem", {})
+    when = str(data.get("datetime", "an unrecorded date"))
+    when = when[:16].replace("T", " ") + " UTC" if len(when) >= 16 and when[10] == "T" else when
+    cpu = facts.get("cpu_model") or info.get("cpu", {}).get("brand_raw", "an unrecorded CPU")
+    command = f" with `{run_info['command']}`" if run_info else ""
+    return (f"**Measured {when} on {cpu}, {facts.get('cpu_cores', '?')} cores "
+            f"({facts.get('torch_threads', '?')} torch threads), torch {facts.get('torch', '?')}, transformers "
+            f"{facts.get('transformers', '?')}, python {facts.get('python', info.get('python_version', '?'))}{command}.**")
 
 
 def render_section(benches: list[dict[str, Any]]) -> tuple[str, list[tuple[str, float]]]:
@@ -340,10 +353,12 @@ def build_markdown(cpu: dict[str, Any] | None, gpu: dict[str, Any] | None, run_i
             return str(path)
 
     lines = ["# Benchmark results", ""]
+    if cpu and not gpu_only:
+        lines += [measured_line(cpu, run_info), ""]
     if not gpu_only:
         lines += [
-            "Regenerate: `python benchmarks/run.py` (CPU suite, then this report; benchmarks are not part of the",
-            "default `pytest` run). GPU: `python benchmarks/gpu_suite.py`, then copy `$OUT/bench-gpu.json` to",
+            "Regenerate: `python benchmarks/run.py --update` (CPU suite, then this report; without `--update` it",
+            "writes to the ignored `benchmarks/out/`; benchmarks are not part of the default `pytest` run). GPU: `python benchmarks/gpu_suite.py`, then copy `$OUT/bench-gpu.json` to",
             "`benchmarks/results/gpu.json` and run `python benchmarks/report.py`. Raw data: `benchmarks/results/*.json`.",
             "Every ratio compares candidate and baseline measured side by side in one process.",
             "",

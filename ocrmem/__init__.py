@@ -5,7 +5,18 @@ under ``no_grad``.
 """
 
 from .configuration import MEMConfig
-from .errors import CheckpointError, ConfigError, EmptyMemoryError, EmptyMemoryWarning, MissingGlyphWarning, OcrMemError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    EmptyMemoryError,
+    EmptyMemoryWarning,
+    FreshProjectorWarning,
+    InputError,
+    InputTypeError,
+    MissingGlyphWarning,
+    OcrMemError,
+    RemoteCodeError,
+)
 from .modeling import MEMModel, MEMOutput
 
 __version__ = "0.1.0"
@@ -15,9 +26,13 @@ __all__ = [
     "ConfigError",
     "EmptyMemoryError",
     "EmptyMemoryWarning",
+    "FreshProjectorWarning",
+    "InputError",
+    "InputTypeError",
     "MEMConfig",
     "MEMModel",
     "MEMOutput",
     "MissingGlyphWarning",
     "OcrMemError",
+    "RemoteCodeError",
 ]

@@ -156,25 +156,6 @@ def is_activation_checkpointing(model: nn.Module) -> bool:
     return False
 
 
-def rotate_checkpoints(trainer: Any, run_dir: str) -> None:
-    """Apply ``save_total_limit`` to the checkpoints in ``run_dir`` the way ``trainer``'s version does.
-
-    Before 5.x this is the method ``Trainer._rotate_checkpoints``; 5.x moved it to the function
-    ``transformers.trainer_utils.rotate_checkpoints``.
-    """
-    if hasattr(trainer, "_rotate_checkpoints"):
-        trainer._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
-        return
-    from transformers.trainer_utils import rotate_checkpoints as rotate
-
-    rotate(
-        output_dir=run_dir,
-        save_total_limit=trainer.args.save_total_limit,
-        best_model_checkpoint=trainer.state.best_model_checkpoint,
-        use_mtime=False,
-    )
-
-
 def numpy_safe_globals() -> Any:
     """A context manager letting ``torch.load(weights_only=True)`` read numpy RNG states.
 
@@ -207,7 +188,6 @@ __all__ = [
     "load_tokenizer",
     "quiet_progress",
     "numpy_safe_globals",
-    "rotate_checkpoints",
     "tiny_llm_classes",
     "trainer_processing_kwargs",
     "training_args_checkpointing",

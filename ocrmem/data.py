@@ -11,6 +11,11 @@ user's JSONL chat format, split by :func:`split_chat`. The collator produces::
 
 Any number of pages per row, zero included; the model's ``masked_scatter`` puts page features
 where the memory tokens are.
+
+The memory token written literally in text (``"<|image_pad|>"`` in a chat about the model, say)
+is refused, not escaped: in ``prompt``/``response`` (tokenised) it would stand for a page feature
+that does not exist, and on the seed path anywhere in the chat it would switch compression off.
+In ``history`` it is harmless here (history becomes pixels). The error says how to replace it.
 """
 
 from __future__ import annotations
@@ -144,6 +149,12 @@ class MemoryCollator:
         font_path: str | None = None,
         font_size: int | None = None,
     ) -> None:
+        for name, value in (("tokens_per_page", tokens_per_page), ("max_pages", max_pages)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(
+                    f"MemoryCollator: `{name}` is {value!r}; use a positive int "
+                    "(MemoryCollator.for_model(model) takes both from the model)."
+                )
         self.tokenizer = tokenizer
         self.memory_token = memory_token
         self.tokens_per_page = tokens_per_page

@@ -1085,10 +1085,10 @@ def _log_ignored(found: set[str], expected: set[str], readout: str) -> None:
     if position_ids:
         logger.info("Ignoring %s: position ids are recomputed, not loaded.", _list_keys(position_ids))
     if other_readout:
-        logger.info("Skipping %d key(s) of DeepSeek-OCR's own image pipeline, which the %s read-out does not "
-                    "use (its projector, image_newline/view_seperator, CLIP's class/patch embedding; ocrmem's "
-                    "trainable proj is separate and loads from the adapter file): %s.", len(other_readout), readout,
-                    _list_keys(other_readout))
+        logger.info(
+            "Not loading %d key(s) of DeepSeek-OCR's own read-out (class token, CLIP's patch conv, its projector "
+            "into DeepSeek-OCR's decoder, image_newline/view_seperator), which the %s read-out does not use; "
+            "this is not the trainable proj: %s.", len(other_readout), readout, _list_keys(other_readout))
     if unknown:
         logger.info("Ignoring %d unknown vision key(s): %s.", len(unknown), _list_keys(unknown))
 

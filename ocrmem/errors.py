@@ -18,12 +18,20 @@ class CheckpointError(OcrMemError, ValueError):
     """A checkpoint is missing keys, has wrong shapes or is corrupt."""
 
 
+class OutputDirLockedError(OcrMemError, RuntimeError):
+    """Another live training holds the output dir's lock (its pid and host are in the message)."""
+
+
 class InputError(OcrMemError, ValueError):
     """A bad argument to ``forward``, the collator or the renderer (wrong shape, range or value)."""
 
 
-class InputTypeError(OcrMemError, TypeError):
-    """An argument of the wrong type (a ``list`` where a ``str`` belongs, float token ids)."""
+class InputTypeError(OcrMemError, TypeError, ValueError):
+    """An argument of the wrong type (a ``list`` where a ``str`` belongs, float token ids).
+
+    Also a ``ValueError``, like every error about a value the caller passed: callers (the
+    CLIs) that turn ``ValueError`` into exit 2 need no second clause for it.
+    """
 
 
 class RemoteCodeError(CheckpointError):
@@ -56,5 +64,6 @@ __all__ = [
     "InputTypeError",
     "MissingGlyphWarning",
     "OcrMemError",
+    "OutputDirLockedError",
     "RemoteCodeError",
 ]

@@ -27,7 +27,6 @@ import copy
 import inspect
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +52,14 @@ from .errors import (
     InputTypeError,
     RemoteCodeError,
 )
+from .fileio import atomic_write as _atomic_write
 from .projector import build_projector
 from .rendering import PageRenderer, pixel_values_from_text
 from .validation import (
     IGNORE_INDEX,
     check_finite,
     check_llm_dir,
+    check_parts,
     check_sequence_length,
     literal_memory_token_message,
     model_dir_arg,
@@ -149,40 +150,6 @@ def set_trainable_params(model: nn.Module, prefixes: list[str]) -> int:
     return trainable
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory, then rename over ``path``.
-
-    The file ends up with the mode a plain ``open(path, "w")`` would give (0644 under umask 022):
-    ``mkstemp`` creates 0600, and safetensors >= 0.6 writes 0600 too, whatever the file had.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, default_file_mode())
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def default_file_mode() -> int:
-    """``0o666`` less the process umask: the mode ``open()`` gives a new file."""
-    try:  # Linux: read it, rather than set it for a moment under other threads' feet
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 class MEMModel(PreTrainedModel):
     """Frozen OCR encoder + trainable ``proj`` + frozen LLM.
 
@@ -197,9 +164,13 @@ class MEMModel(PreTrainedModel):
         model_dir: Directory that relative model names are resolved against.
 
     Raises:
-        ConfigError: (a ``ValueError``) a model name is empty, or ``proj``'s input width
-            (``vision_embedding_size``) differs from the encoder's output width.
+        ConfigError: (a ``ValueError``) a model name is empty, ``proj``'s input width
+            (``vision_embedding_size``) differs from the encoder's output width, or
+            ``base_model_name`` holds no causal LM (the OCR dir, say).
         FileNotFoundError: A model directory does not exist.
+        RemoteCodeError: The LLM directory asks to run custom code (``auto_map``): never run.
+        CheckpointError: The encoder's weights hold NaN/inf.
+        InputTypeError: A ready part of the wrong type.
     """
 
     config_class = MEMConfig
@@ -218,6 +189,7 @@ class MEMModel(PreTrainedModel):
         model_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(config)
+        check_parts(base_llm, ocr_embed, tokenizer)
         dtype = _DTYPES[config.compute_dtype]
         llm_path = None
         if base_llm is None:
@@ -644,6 +616,8 @@ class MEMModel(PreTrainedModel):
             RemoteCodeError: The LLM directory asks to run custom code.
             ConfigError: An unknown or invalid config value.
         """
+        if not isinstance(fresh_proj, bool):
+            raise InputTypeError(f"from_pretrained: `fresh_proj` is {fresh_proj!r}; pass True or False.")
         model_dir = model_dir_arg(pretrained_model_name_or_path)
         config = MEMConfig(**read_mem_config(model_dir, config_overrides, _config_fields()))
         weights_file = model_dir / ADAPTER_WEIGHTS_NAME
@@ -668,7 +642,9 @@ class MEMModel(PreTrainedModel):
         return model
 
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
-        """Load trainable weights saved by :meth:`save_pretrained` (strict about names and shapes)."""
+        """Load trainable weights saved by :meth:`save_pretrained` (strict about names, shapes, finiteness)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"adapter weights {str(path)!r} do not exist (or are not a file).")
         try:
             weights = load_file(str(path))
         except Exception as err:  # safetensors raises its own error types

@@ -26,6 +26,7 @@ from . import compat
 from .configuration import MEMConfig
 from .encoder import DeepEncoder, DeepEncoderSpec, save_deepencoder
 from .errors import OcrMemError
+from .fileio import default_file_mode
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
 TINY_VOCAB = 1024  # byte-level BPE merges; the 4 specials come after (ids 1024..1027)
@@ -147,8 +148,6 @@ def _make_readable(files: list[Path]) -> None:
     safetensors (>= 0.6) writes 0600 whatever the umask, and so do writes through ``mkstemp``;
     a model directory should read like any other files (shared caches, containers, other users).
     """
-    from .modeling import default_file_mode
-
     mode = default_file_mode()
     for file in files:
         if file.is_file():

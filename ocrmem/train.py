@@ -41,8 +41,20 @@ cannot disturb the engine (see :mod:`ocrmem.callbacks`).
 Multi-process runs end: every collective gives up after ``--ddp-timeout`` seconds, and the ranks
 meet at a bounded final barrier before the process group is destroyed.
 
-Exit status: 0 trained, 1 training stopped by a finding (GradFlowCallback), 2 bad arguments or
-paths (including an output dir that cannot be written).
+Resuming: ``--resume-from-checkpoint PATH|last`` reads every file of the checkpoint before anything
+trains. A corrupt file, or a checkpoint without ``optimizer.pt`` / ``scheduler.pt`` / ``rng_state.pth``
+(or the final output dir given instead of a checkpoint), exits 2 naming the file and the newest
+intact checkpoint; ``--resume-partial`` resumes anyway and says what restarts (Adam state, LR
+schedule, RNG). A checkpoint already at or past ``--max-steps``: the run says so, trains and writes
+nothing, and exits 0 (rerunning a finished job is not an error).
+
+One training per output dir: ``OUTPUT_DIR/.ocrmem-train.lock`` (pid and host of the holder) makes a
+second one exit 2 naming the holder; a lock left by a dead process on this host is taken over with
+a warning.
+
+Exit status: 0 trained (or nothing left to train), 1 training stopped by a finding
+(GradFlowCallback), 2 bad arguments or paths (including an output dir that cannot be written, a
+full disk while saving, a corrupt or incomplete resume checkpoint, an output dir in use).
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -58,6 +71,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from .errors import OcrMemError
 
 EXIT_OK = 0
 EXIT_STOPPED = 1
@@ -79,11 +94,16 @@ examples:
   # resume after a crash from the last complete checkpoint
   python -m ocrmem.train --output-dir OUT --max-steps 300 --resume-from-checkpoint last
 
+  # resume from a checkpoint without optimizer.pt/scheduler.pt, knowingly restarting them
+  python -m ocrmem.train --output-dir OUT --max-steps 300 \
+      --resume-from-checkpoint OUT/checkpoint-100 --resume-partial
+
   # DeepSpeed ZeRO-2, bf16, the user's 8-GPU setup (needs `pip install deepspeed`)
   torchrun --nproc_per_node 8 -m ocrmem.train --model-dir /models/mem --output-dir OUT \\
       --batch-size 2 --grad-accum 8 --learning-rate 2e-4 --deepspeed examples/ds_zero2_bf16.json
 
-exit status: 0 trained, 1 stopped by a gradient-flow/NaN finding, 2 bad arguments or paths.
+exit status: 0 trained (or nothing left to train), 1 stopped by a gradient-flow/NaN finding,
+  2 bad arguments or paths, a corrupt/incomplete checkpoint, a full disk, an output dir in use.
 wandb: --report-to wandb needs `pip install wandb`; WANDB_MODE=offline logs without network.
 """
 
@@ -107,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--output-dir", required=True, metavar="DIR", help="where checkpoints, the adapter, trainer_state.json and loss_curve.png go")
     where.add_argument("--model-dir", metavar="DIR", help="a MEMModel dir (config.json [+ model.safetensors]); default: the tiny preset")
     where.add_argument("--resume-from-checkpoint", metavar="PATH|last", help="resume from a checkpoint dir, or 'last' = the newest complete one in OUTPUT_DIR")
+    where.add_argument("--resume-partial", action="store_true",
+                       help="resume even from a checkpoint without optimizer.pt/scheduler.pt/rng_state.pth, restarting those (a warning says which)")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--max-steps", type=int, default=200, help="optimizer steps (default 200)")
@@ -148,8 +170,16 @@ def validate(opts: argparse.Namespace) -> None:
                         "--patience": opts.patience, "--num-workers": opts.num_workers}.items():
         if value < 0:
             raise UsageError(f"{flag} must be >= 0, got {value}.")
-    if not opts.learning_rate > 0:
-        raise UsageError(f"--learning-rate must be > 0, got {opts.learning_rate}.")
+    if not (opts.learning_rate > 0 and math.isfinite(opts.learning_rate)):
+        raise UsageError(f"--learning-rate must be a finite number > 0, got {opts.learning_rate}.")
+    if not 0 <= opts.seed < 2**32:
+        raise UsageError(f"--seed must be within [0, 2**32 - 1] (numpy's range), got {opts.seed}.")
+    if not opts.output_dir.strip():
+        raise UsageError("--output-dir is empty: pass a directory (it is created if missing).")
+    if Path(opts.output_dir).exists() and not Path(opts.output_dir).is_dir():
+        raise UsageError(f"--output-dir {opts.output_dir} is a file, not a directory: pass a directory (it is created if missing).")
+    if opts.resume_partial and opts.resume_from_checkpoint is None:
+        raise UsageError("--resume-partial needs --resume-from-checkpoint PATH|last.")
     if not 0.0 <= opts.empty_history_fraction <= 1.0:
         raise UsageError(f"--empty-history-fraction must be within [0, 1], got {opts.empty_history_fraction}.")
     if opts.model_dir is not None:
@@ -161,7 +191,7 @@ def validate(opts: argparse.Namespace) -> None:
     if opts.deepspeed is not None:
         config = Path(opts.deepspeed)
         if not config.is_file():
-            raise UsageError(f"--deepspeed {config}: no such file.")
+            raise UsageError(f"--deepspeed {config}: {'a directory, not a' if config.is_dir() else 'no such'} file; pass a DeepSpeed JSON config.")
         try:
             json.loads(config.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
@@ -305,19 +335,53 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | Non
     return path
 
 
-def resolve_resume(value: str | None, output_dir: Path) -> str | None:
+def resolve_resume(value: str | None, output_dir: Path, allow_partial: bool) -> str | None:
+    """The checkpoint to resume from, every file of it read (:func:`~ocrmem.checkpointing.check_resume_checkpoint`).
+
+    Raises:
+        UsageError: not a checkpoint dir.
+        CheckpointError: corrupt or (without ``allow_partial``) incomplete; names the intact one.
+    """
     if value is None:
         return None
+    from .checkpointing import check_resume_checkpoint, rng_file_name
+
     if value == "last":
         from transformers.trainer_utils import get_last_checkpoint
 
         last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
         if last is None:
             print(f"--resume-from-checkpoint last: no checkpoint in {output_dir}, starting from scratch.", file=sys.stderr)
-        return last
-    if not Path(value, "trainer_state.json").is_file():
-        raise UsageError(f"--resume-from-checkpoint {value}: not a checkpoint dir (no trainer_state.json).")
-    return str(Path(value).resolve())
+            return None
+        path = last
+    else:
+        if not Path(value).is_dir():
+            raise UsageError(f"--resume-from-checkpoint {value}: not a checkpoint dir ({'a file' if Path(value).exists() else 'no such dir'}); "
+                             "pass OUTPUT_DIR/checkpoint-N or 'last'.")
+        path = str(Path(value).resolve())
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    check_resume_checkpoint(path, allow_partial=allow_partial, rng_file=rng_file_name(world_size, rank),
+                            model_state_only=is_deepspeed_checkpoint(path), warn=False)  # the trainer warns
+    return path
+
+
+def is_deepspeed_checkpoint(path: str) -> bool:
+    """A DeepSpeed checkpoint keeps optimizer and model state in ``global_stepN/`` (checked by DeepSpeed)."""
+    return any(p.name.startswith("global_step") for p in Path(path).iterdir() if p.is_dir())
+
+
+def nothing_to_train(resume: str | None, max_steps: int) -> bool:
+    """Say so when the resume checkpoint is already at or past ``--max-steps``."""
+    from .checkpointing import checkpoint_global_step
+
+    if resume is None:
+        return False
+    step = checkpoint_global_step(resume)
+    if step < max_steps:
+        return False
+    print(f"nothing to train: {resume} is at step {step} and --max-steps is {max_steps}; nothing was trained or "
+          f"written. Pass --max-steps above {step} to train further.", file=sys.stderr)
+    return True
 
 
 def save_rank_weights(trainer: Any, model: Any, callback: Any, output_dir: Path) -> None:
@@ -340,7 +404,10 @@ def finish(trainer: Any, output_dir: Path, *, save_adapter: bool) -> dict[str, A
         trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():
         return {}
-    trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
+    state_file = output_dir / "trainer_state.json"
+    tmp = state_file.with_name(f".{state_file.name}.{os.getpid()}.tmp")
+    trainer.state.save_to_json(str(tmp))
+    os.replace(tmp, state_file)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     curve = plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
     return {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None, "curve": curve}
@@ -348,8 +415,25 @@ def finish(trainer: Any, output_dir: Path, *, save_adapter: bool) -> dict[str, A
 
 def run(opts: argparse.Namespace) -> int:
     output_dir = Path(opts.output_dir).resolve()
+    resume = resolve_resume(opts.resume_from_checkpoint, output_dir, opts.resume_partial)
+    if nothing_to_train(resume, opts.max_steps):
+        return EXIT_OK
     check_writable(output_dir)
-    resume = resolve_resume(opts.resume_from_checkpoint, output_dir)
+    from .checkpointing import hold_output_dir
+
+    # Rank 0 only (RANK is set by torchrun before the process group exists); under torchrun the
+    # other ranks are stopped by torchrun when rank 0 exits 2.
+    with hold_output_dir(output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+        if opts.resume_from_checkpoint == "last" and int(os.environ.get("RANK", "0")) == 0:
+            from .checkpointing import recover_checkpoints
+
+            if recover_checkpoints(str(output_dir)):  # an interrupted save had set the newest aside
+                resume = resolve_resume("last", output_dir, opts.resume_partial)
+        return run_locked(opts, output_dir, resume)
+
+
+def run_locked(opts: argparse.Namespace, output_dir: Path, resume: str | None) -> int:
+    """Build the model and trainer and train (the output dir is locked)."""
     try:
         args = training_arguments(opts, output_dir)
     except (ValueError, ImportError) as err:
@@ -382,6 +466,7 @@ def run(opts: argparse.Namespace) -> int:
         train_dataset=build_examples(opts.num_examples, opts.seed, opts.empty_history_fraction),
         data_collator=MemoryCollator.for_model(model),
         callbacks=[callback],
+        allow_partial_resume=opts.resume_partial,
     )
     try:
         return train_and_report(trainer, model, callback, opts, output_dir, resume)
@@ -463,11 +548,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate(opts)
         return run(opts)
-    except UsageError as err:
+    except (UsageError, OcrMemError) as err:  # OcrMemError: corrupt checkpoint, output dir in use
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:  # disk full / permissions while training or saving: a path problem
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        # On a line of its own: the progress bar of the interrupted training has no newline yet.
+        print(f"\n{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 
 

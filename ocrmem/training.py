@@ -13,9 +13,18 @@ What it changes in :class:`transformers.Trainer`, and why:
   instead of HF's full-model ``load_state_dict`` (which would warn about every frozen key).
 * Checkpoint saves are crash-safe: a checkpoint is written into ``.checkpoint-N.partial/`` and
   renamed to ``checkpoint-N`` only when complete, so a SIGKILL mid-save leaves the previous
-  checkpoint as the last one :func:`transformers.trainer_utils.get_last_checkpoint` sees. A disk
-  full / permission error is re-raised as the same :class:`OSError` class with a message naming
-  the checkpoint and the directory.
+  checkpoint as the last one :func:`transformers.trainer_utils.get_last_checkpoint` sees; an
+  existing ``checkpoint-N`` is renamed aside, never deleted first, and ``save_total_limit``
+  rotation renames before it deletes (:mod:`ocrmem.checkpointing`). A disk full / file-size limit /
+  permission error — an ``OSError``, or the ``RuntimeError`` / ``SafetensorError`` torch and
+  safetensors raise for it — becomes an :class:`OSError` naming the checkpoint, the free space and
+  the fix; the staging dir is removed and earlier checkpoints stay intact.
+* ``train()`` locks the output dir (``.ocrmem-train.lock``: a second training into it is refused
+  with the holder's pid and host) and, when resuming, reads every file of the checkpoint before
+  anything trains: a corrupt or missing file is a :class:`~ocrmem.errors.CheckpointError` naming
+  it and the newest intact checkpoint (``allow_partial_resume=True`` lets a missing optimizer /
+  scheduler / RNG state through with a warning saying what restarts). A checkpoint already at or
+  past ``max_steps`` trains and writes nothing (a warning says so).
 
 Under DeepSpeed: the adapter file is written from the trainable parameters only, gathered from
 their ZeRO-3 shards when partitioned (:meth:`AdapterOnlyTrainer.save_model`); HF also writes
@@ -33,7 +42,6 @@ test can SIGKILL the process in the middle of a save deterministically. Never se
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
 import shutil
@@ -44,39 +52,32 @@ from typing import Any
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
 from . import compat
+from .checkpointing import (
+    PARTIAL_SUFFIX,
+    as_write_error,
+    check_resume_checkpoint,
+    checkpoint_global_step,
+    hold_output_dir,
+    publish_checkpoint,
+    recover_checkpoints,
+    remove_partial_checkpoints,
+    remove_stale_temp_files,
+    reraise_as,
+    rng_file_name,
+    rotate_checkpoints,
+    write_error_message,
+)
+from .errors import CheckpointError
 from .modeling import ADAPTER_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
 PAUSE_ENV = "OCRMEM_TEST_PAUSE_IN_SAVE"
 PAUSE_MARKER = "OCRMEM_TEST_PAUSE_IN_SAVE: pausing"
-PARTIAL_SUFFIX = ".partial"  # staging dirs are `.checkpoint-N.partial`: hidden, never matched by `checkpoint-*`
 TRAINING_ARGS_NAME = "training_args.bin"
-
-
-def _fsync_tree(path: str) -> None:
-    """Flush every file under ``path`` (and the directories) to disk before the rename publishes it."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_dir(root)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems / platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _pause_for_test(step: int, staged_dir: str) -> None:
@@ -100,13 +101,16 @@ class AdapterOnlyTrainer(Trainer):
     """A :class:`transformers.Trainer` for adapter-only training (see the module docstring).
 
     Takes the arguments of :class:`transformers.Trainer`; ``tokenizer=`` is accepted as the old
-    name of ``processing_class=`` on every version.
+    name of ``processing_class=`` on every version. ``allow_partial_resume=True`` lets a resume go
+    on from a checkpoint without ``optimizer.pt`` / ``scheduler.pt`` / the RNG state (or from a
+    final output dir), warning what restarts; by default such a resume is refused.
 
     Raises:
         ValueError: both ``tokenizer`` and ``processing_class`` are given.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.allow_partial_resume = bool(kwargs.pop("allow_partial_resume", False))
         super().__init__(*args, **compat.trainer_processing_kwargs(kwargs))
         self._staging_root: str | None = None
         self._saving_step: int | None = None
@@ -162,6 +166,48 @@ class AdapterOnlyTrainer(Trainer):
                     logs.update(extra(self.state))
         super().log(logs, *args, **kwargs)
 
+    # ------------------------------------------------------------------ train: lock + resume checks
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
+        """HF's ``train()`` with the output dir locked and the resume checkpoint checked up front.
+
+        Raises:
+            OutputDirLockedError: another live process trains into ``args.output_dir``.
+            CheckpointError: the resume checkpoint is missing, incomplete or corrupt (the message
+                names the file and the newest intact checkpoint).
+        """
+        with hold_output_dir(self.args.output_dir, enabled=self.args.process_index == 0):
+            resume = self._checked_resume(resume_from_checkpoint)
+            if resume is not None and self.args.max_steps > 0:
+                step = checkpoint_global_step(resume)
+                if step >= self.args.max_steps:
+                    logger.warning(
+                        "Nothing to train: %s is at step %d and max_steps is %d; nothing was trained or written. "
+                        "Raise max_steps above %d to train further.", resume, step, self.args.max_steps, step,
+                    )
+                    return TrainOutput(global_step=step, training_loss=float("nan"), metrics={})
+            return super().train(resume, *args, **kwargs)
+
+    def _checked_resume(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """The checkpoint to resume from (``True``: the newest in the output dir), checked file by file."""
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        run_dir = self.args.output_dir
+        if self.args.should_save and os.path.isdir(run_dir):
+            recover_checkpoints(run_dir)  # a checkpoint an interrupted save set aside
+        if resume_from_checkpoint is True:
+            last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+            if last is None:
+                raise CheckpointError(f"resume_from_checkpoint=True: no checkpoint in {run_dir}; start without resuming.")
+            resume_from_checkpoint = last
+        path = os.fspath(resume_from_checkpoint)
+        self.resume_restarts = check_resume_checkpoint(
+            path, allow_partial=self.allow_partial_resume,
+            rng_file=rng_file_name(self.args.world_size, self.args.process_index),
+            model_state_only=self.is_deepspeed_enabled,  # DeepSpeed resumes from its own global_stepN/ files
+        )
+        return path
+
     # ------------------------------------------------------------------ saving
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -179,12 +225,33 @@ class AdapterOnlyTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=True)
+        if self._saving_step is not None:  # inside a checkpoint's staging dir: published whole later
+            self._write_adapter(model, output_dir, state_dict)
+            return
+        # A final save_model(): straight into a live dir, so file by file through temporary files.
+        remove_stale_temp_files(output_dir)
+        try:
+            self._write_adapter(model, output_dir, state_dict)
+        except Exception as err:
+            write_error = as_write_error(err)
+            if write_error is None:
+                raise
+            raise reraise_as(write_error, write_error_message(write_error, f"the adapter to {output_dir}", output_dir)) from err
+
+    def _write_adapter(self, model: Any, output_dir: str, state_dict: dict | None) -> None:
+        model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=True)  # atomic per file
         if self._saving_step is not None:
             _pause_for_test(self._saving_step, output_dir)
         elif self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        target = os.path.join(output_dir, TRAINING_ARGS_NAME)
+        tmp = os.path.join(output_dir, f".{TRAINING_ARGS_NAME}.{os.getpid()}.tmp")
+        try:
+            torch.save(self.args, tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under DeepSpeed, gather only the trainable weights for the adapter file.
@@ -212,9 +279,10 @@ class AdapterOnlyTrainer(Trainer):
         """HF's checkpoint save, written into a staging dir and renamed into place when complete.
 
         Raises:
-            OSError: (same class and errno as the original) writing failed — disk full, no
-                permission; the message names the checkpoint and the directory. Nothing partial
-                stays visible; earlier checkpoints are untouched.
+            OSError: writing failed — disk full, file-size limit, no permission (the same class
+                and errno for an ``OSError``; torch's and safetensors' errors for it are recognised,
+                :func:`~ocrmem.checkpointing.as_write_error`); the message names the checkpoint and
+                the directory. Nothing partial stays visible; earlier checkpoints are untouched.
         """
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -235,11 +303,15 @@ class AdapterOnlyTrainer(Trainer):
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 publish_checkpoint(staged_dir, final_dir)
-                compat.rotate_checkpoints(self, run_dir)
-        except OSError as err:
+        except Exception as err:
             if self.args.should_save:
                 shutil.rmtree(staging_root, ignore_errors=True)
-            raise _checkpoint_write_error(err, final_dir, run_dir) from err
+            write_error = as_write_error(err)
+            if write_error is None:
+                raise
+            raise reraise_as(write_error, write_error_message(write_error, f"checkpoint {final_dir}", run_dir)) from err
+        if self.args.should_save:  # the new checkpoint is published: a failed delete is only a warning
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
     def _fix_best_checkpoint_path(self, staging_root: str, run_dir: str, staged_dir: str) -> None:
@@ -366,45 +438,6 @@ def check_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optimi
             f"{frozen[:5]} ({len(frozen)}) and misses trainable {missing[:5]} ({len(missing)}). "
             "Freeze/unfreeze parameters before the trainer builds its optimizer."
         )
-
-
-def remove_partial_checkpoints(run_dir: str) -> list[str]:
-    """Delete the staging dirs that interrupted saves left in ``run_dir``; returns what it removed."""
-    stale = sorted(glob.glob(os.path.join(glob.escape(run_dir), f".{PREFIX_CHECKPOINT_DIR}-*{PARTIAL_SUFFIX}")))
-    for path in stale:
-        logger.info("Removing %s, left by an interrupted checkpoint save.", path)
-        shutil.rmtree(path, ignore_errors=True)
-    return stale
-
-
-def publish_checkpoint(staged_dir: str, final_dir: str) -> None:
-    """Flush ``staged_dir`` to disk and rename it to ``final_dir`` (replacing an older one)."""
-    _fsync_tree(staged_dir)
-    aside = None
-    if os.path.exists(final_dir):  # e.g. a rerun into the same output dir: keep the old one until the swap
-        aside = f"{os.path.dirname(final_dir)}/.{os.path.basename(final_dir)}.old{PARTIAL_SUFFIX}"
-        shutil.rmtree(aside, ignore_errors=True)
-        os.rename(final_dir, aside)
-    os.rename(staged_dir, final_dir)
-    _fsync_dir(os.path.dirname(final_dir))
-    os.rmdir(os.path.dirname(staged_dir))
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
-def _checkpoint_write_error(err: OSError, final_dir: str, run_dir: str) -> OSError:
-    """The same OSError class, with a message that names the checkpoint and what to check."""
-    reason = err.strerror or str(err)
-    where = f" ({err.filename})" if err.filename else ""
-    message = (
-        f"could not save checkpoint {final_dir}: {reason}{where}. Nothing partial was left behind and "
-        f"earlier checkpoints in {run_dir} are intact; check free disk space (`df -h {run_dir}`) and "
-        f"write permission on {run_dir}, then resume with resume_from_checkpoint."
-    )
-    try:
-        return type(err)(err.errno, message) if err.errno is not None else type(err)(message)
-    except TypeError:  # an OSError subclass with another constructor
-        return OSError(err.errno, message)
 
 
 __all__ = [

@@ -215,3 +215,32 @@ def test_every_row_parses_and_twins_differ() -> None:
         ast.parse(_source(imports, bug), name)
         ast.parse(_source(imports, healthy), name)
         assert bug.replace("  # <-", "") != healthy, name
+
+
+def _proj_line_in_embed(text: str) -> tuple[int, int] | None:
+    """(line of ``def embed``, line of its ``self.proj(`` call), when embed itself calls proj."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines, 1) if line.strip().startswith("def embed("))
+    for number in range(start + 1, len(lines) + 1):
+        line = lines[number - 1]
+        if line.strip().startswith("def "):
+            return None
+        if "self.proj(" in line:
+            return start, number
+    return None
+
+
+RUNTIME_ROWS = [row for row in ROWS if row[4] == GD and _proj_line_in_embed(_source(row[1], row[2]))]
+
+
+@pytest.mark.parametrize("name,imports,bug,healthy,kind", RUNTIME_ROWS, ids=[row[0] for row in RUNTIME_ROWS])
+def test_runtime_locator_names_the_same_statement(tmp_path, name, imports, bug, healthy, kind) -> None:
+    # diagnostics.source.scan_function is what the engine asks when grad is off at a live
+    # frame: at the proj call it must name the statement lint marks, under every spelling.
+    from diagnostics.source import scan_function
+
+    path = _write(tmp_path, name, imports, bug)
+    text = path.read_text()
+    def_line, proj_line = _proj_line_in_embed(text)
+    site = scan_function(str(path), "embed", def_line, proj_line)
+    assert site is not None and site.location.line in _marked_lines(text), (site, text)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ocrmem import MEMModel
 from ocrmem.data import MemoryCollator, synthetic_memory_examples
+from ocrmem.checkpointing import LOCK_NAME, inspect_checkpoint, list_checkpoints
 from ocrmem.training import PAUSE_ENV, PAUSE_MARKER, AdapterOnlyTrainer, publish_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,6 +38,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # a killed subprocess save, ~60 s on 2 cores
 def test_sigkill_mid_save_leaves_the_previous_checkpoint_last_and_loadable(tmp_path):
     out, log = tmp_path / "run", tmp_path / "stderr.log"
     with open(log, "w") as stderr:
@@ -67,6 +71,62 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_last_and_loadable(tmp_p
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert f"Taking over the stale lock {out / LOCK_NAME} left by pid {proc.pid}" in done.stderr  # the killed run's
+    assert not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_a_second_training_into_the_same_dir_is_refused_while_the_first_saves(tmp_path):
+    """Two real trainings: the second starts while the first is paused inside a save, exits 2 naming
+    the first's pid, and touches nothing; the first then finishes with every checkpoint intact."""
+    out, log = tmp_path / "run", tmp_path / "first.log"
+    with open(log, "w") as stderr:
+        first = subprocess.Popen(train_command(out, "--max-steps", "4"), cwd=REPO, stdout=subprocess.DEVNULL,
+                                 stderr=stderr, env=subprocess_env(**{PAUSE_ENV: "25:4"}))
+        try:
+            deadline = time.monotonic() + 180
+            while PAUSE_MARKER not in log.read_text(errors="replace"):
+                assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            second = subprocess.run(train_command(out, "--max-steps", "4"), cwd=REPO, env=subprocess_env(),
+                                    capture_output=True, text=True, timeout=300)
+            assert first.poll() is None, "the first training must still be inside its save"
+            assert (out / ".checkpoint-4.partial").is_dir()  # the second did not delete the first's save
+        finally:
+            first.wait(timeout=300)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"is in use by another training (pid {first.pid} on host {socket.gethostname()}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 0, log.read_text()[-3000:]
+    assert [p.name for p in list_checkpoints_paths(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert all(inspect_checkpoint(str(p)) == [] for p in list_checkpoints_paths(out))
+
+
+def list_checkpoints_paths(out: Path) -> list[Path]:
+    return [Path(p) for p in list_checkpoints(str(out))]
+
+
+def _limit_file_size(nbytes: int):
+    def preexec() -> None:  # SIG_IGN survives exec: the write fails with EFBIG instead of killing
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+    return preexec
+
+
+@pytest.mark.slow
+def test_file_size_limit_while_saving_exits_2_with_one_line_and_no_partial(tiny_dir, tmp_path):
+    """A real ``ulimit -f`` hit by torch.save (optimizer.pt, ~70 kB) in the first checkpoint."""
+    out = tmp_path / "run"
+    done = subprocess.run(
+        train_command(out, "--max-steps", "4", "--model-dir", str(tiny_dir)), cwd=REPO, env=subprocess_env(),
+        capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(50_000),
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("python -m ocrmem.train: error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr
+    assert f"could not save checkpoint {out / 'checkpoint-2'}" in errors[0] and "ulimit -f" in errors[0]
+    assert sorted(os.listdir(out)) == []  # no .partial, no lock
 
 
 def _trainer(model: MEMModel, out: Path) -> AdapterOnlyTrainer:

@@ -85,6 +85,7 @@ def run_torchrun(out: Path, nproc: int, *extra: str, timeout: float = 240,
     return subprocess.CompletedProcess(command, proc.returncode, out_text, err_text)
 
 
+@pytest.mark.slow  # torchrun with two CPU ranks, ~35 s on 2 cores
 def test_torchrun_two_cpu_ranks_train_through_batches_without_history(tmp_path):
     done = run_torchrun(
         tmp_path, WORLD_SIZE, "--max-steps", str(STEPS), "--batch-size", "1", "--num-examples", "32",

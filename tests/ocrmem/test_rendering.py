@@ -305,3 +305,32 @@ class TestPixelValues:
         other = PageRenderer(page_size=128).render("x")
         with pytest.raises(ConfigError, match="`pages`"):
             renderer.to_pixel_values(other)
+
+
+class TestTextTypes:
+    """Non-str text used to fail with AttributeError ('bytes' object has no attribute 'encode'...)."""
+
+    @pytest.mark.parametrize(
+        ("text", "fix"),
+        [(b"abc", r"decode it first"), (["a", "b"], r"join the pieces"), (None, r"pass '' for no text"), (12, r"str\(text\)")],
+    )
+    @pytest.mark.parametrize("call", ["render", "render_array", "pages_needed", "pixel_values_from_text"])
+    def test_non_str_text_is_a_type_error_with_the_fix(self, renderer, text, fix, call):
+        from ocrmem.errors import InputTypeError
+
+        fn = (lambda t: pixel_values_from_text(renderer, t)) if call == "pixel_values_from_text" else getattr(renderer, call)
+        with pytest.raises(InputTypeError, match=rf"`text` to render has type {type(text).__name__}.*{fix}"):
+            fn(text)
+
+    def test_float_page_array_is_refused(self, renderer):
+        from ocrmem.errors import InputTypeError
+
+        pages = renderer.render_array("hello").astype(np.float32) / 255.0
+        with pytest.raises(InputTypeError, match=r"dtype float32; pass uint8"):
+            renderer.to_pixel_values(pages)
+
+    def test_non_image_page_is_refused(self, renderer):
+        from ocrmem.errors import InputTypeError
+
+        with pytest.raises(InputTypeError, match=r"`pages\[1\]` has type str"):
+            renderer.to_pixel_values([renderer.render("a")[0], "page"])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from ocrmem import MEMModel
+from ocrmem.checkpointing import LOCK_NAME
 from ocrmem.train import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, main
+from tests.ocrmem.test_checkpointing import lock_held_by_child, snapshot
 
 TINY_RUN = ["--num-examples", "16", "--batch-size", "2"]
 
@@ -43,12 +47,32 @@ class TestArguments:
             (["--deepspeed", "/no/such/ds.json"], "/no/such/ds.json"),
             (["--resume-from-checkpoint", "/no/such/checkpoint-3"], "not a checkpoint dir"),
             (["--report-to", "tensorboard"], "invalid choice"),
+            (["--max-steps", "ten"], "invalid int value: 'ten'"),
+            (["--learning-rate", "inf"], "--learning-rate must be a finite number > 0, got inf"),
+            (["--learning-rate", "nan"], "--learning-rate must be a finite number > 0, got nan"),
+            (["--seed", "-1"], "--seed must be within [0, 2**32 - 1]"),
+            (["--save-steps", "-5"], "--save-steps must be >= 0, got -5"),
+            (["--resume-partial"], "--resume-partial needs --resume-from-checkpoint"),
+            (["--resume-from-checkpoint", str(Path(__file__))], "not a checkpoint dir (a file)"),
+            (["--deepspeed", str(Path(__file__).parent)], "a directory, not a file"),
+            (["--model-dir", str(Path(__file__))], "no config.json there"),
         ],
     )
     def test_bad_arguments_exit_2_with_a_message(self, tmp_path, capsys, argv, message):
         full = argv if not argv else ["--output-dir", str(tmp_path / "out"), *argv]
         assert main(full) == EXIT_USAGE
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+    @pytest.mark.parametrize("argv_output", ["file", "empty"])
+    def test_output_dir_that_is_a_file_or_empty_exits_2(self, tmp_path, capsys, argv_output):
+        target = tmp_path / "a-file"
+        target.write_text("not a dir")
+        assert main(["--output-dir", str(target) if argv_output == "file" else ""]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert ("is a file, not a directory" if argv_output == "file" else "--output-dir is empty") in err
+        assert target.read_text() == "not a dir"
 
     @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
     def test_wandb_without_wandb_names_the_install(self, tmp_path, capsys):
@@ -95,6 +119,48 @@ class TestRun:
         state = json.loads((trained_dir / "trainer_state.json").read_text())
         assert state["global_step"] == 8
         assert "trained 8 steps" in capsys.readouterr().err
+
+    def test_resume_refuses_a_corrupt_checkpoint_naming_the_intact_one(self, trained_dir, tmp_path, capsys):
+        run = tmp_path / "run"
+        shutil.copytree(trained_dir, run, ignore=shutil.ignore_patterns("model_init"))
+        (run / "checkpoint-6" / "rng_state.pth").write_bytes(b"garbage")
+        before = snapshot(run)
+        code = main(["--output-dir", str(run), "--model-dir", str(trained_dir / "model_init"), "--max-steps", "9",
+                     "--resume-from-checkpoint", "last", *TINY_RUN])
+        assert code == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"{run / 'checkpoint-6' / 'rng_state.pth'} is corrupt" in err and f"from {run / 'checkpoint-3'} instead" in err
+        assert "Traceback" not in err and "will likely succeed" not in err
+        assert snapshot(run) == before
+
+    def test_resume_from_the_output_dir_is_refused_unless_partial(self, trained_dir, tmp_path, capsys, caplog):
+        run = tmp_path / "run"
+        shutil.copytree(trained_dir, run, ignore=shutil.ignore_patterns("model_init", "checkpoint-3"))
+        argv = ["--output-dir", str(run), "--model-dir", str(trained_dir / "model_init"), "--max-steps", "10",
+                "--save-steps", "0", "--logging-steps", "1", "--resume-from-checkpoint", str(run), *TINY_RUN]
+        assert main(argv) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "final output dir, not a checkpoint" in err and f"Resume from {run / 'checkpoint-6'} instead" in err
+        with caplog.at_level(logging.WARNING, logger="ocrmem"):  # the CLI's log handler is pytest's here
+            assert main([*argv, "--resume-partial"]) == EXIT_OK
+        assert "trained 10 steps" in capsys.readouterr().err
+        assert any("restarting the optimizer state" in r.getMessage() for r in caplog.records)
+
+    @pytest.mark.parametrize("max_steps", ["6", "4"])
+    def test_max_steps_at_or_below_the_checkpoint_exits_0_writing_nothing(self, trained_dir, capsys, max_steps):
+        before = snapshot(trained_dir)
+        code = main(["--output-dir", str(trained_dir), "--max-steps", max_steps, "--resume-from-checkpoint",
+                     str(trained_dir / "checkpoint-6"), *TINY_RUN])
+        assert code == EXIT_OK
+        assert f"nothing to train: {trained_dir / 'checkpoint-6'} is at step 6 and --max-steps is {max_steps}" in capsys.readouterr().err
+        assert snapshot(trained_dir) == before
+
+    def test_output_dir_in_use_by_another_process_exits_2(self, tmp_path, capsys):
+        with lock_held_by_child(tmp_path) as pid:
+            assert main(["--output-dir", str(tmp_path), "--max-steps", "1", *TINY_RUN]) == EXIT_USAGE
+            assert os.listdir(tmp_path) == [LOCK_NAME]  # refused before the tiny preset was written
+        err = capsys.readouterr().err
+        assert f"is in use by another training (pid {pid} on host" in err and "Traceback" not in err
 
     def test_diverging_run_exits_1_with_the_finding(self, tmp_path, capsys):
         # Adam moves every weight by ~lr per step: 1e30 overflows the activations at step 2.
