@@ -17,6 +17,7 @@ frames, so it is testable on plain functions.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import sysconfig
 import types
@@ -24,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional, Sequence
 
-import torch
-
 from .syntax import UnparsableSourceError, decode_source, display_path, dotted_name, grad_disable_kind, import_aliases
 
 FileKind = Literal["user", "library", "torch", "internal"]
 
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+# torch's folder without importing torch (find_spec reads the path only): `python -m
+# diagnostics.lint --help` must not pay seconds for an import it never uses.
+_TORCH_DIR = os.path.dirname(os.path.abspath(importlib.util.find_spec("torch").origin or "torch")) + os.sep
 _INTERNAL_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _STDLIB_DIRS = tuple(
     {

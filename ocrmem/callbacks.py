@@ -468,4 +468,19 @@ class GradFlowCallback(TrainerCallback):
         raise TrainingStopped(full, cause=cause, step=step, report=report)
 
 
-__all__ = ["GradFlowCallback", "LossPlateauWarning", "TrainingStopped"]
+class RunStepsCallback(TrainerCallback):
+    """Remembers the global step a ``train()`` call started at, so a summary after a resume can
+    say how many steps *this run* trained (``state.global_step`` counts from the first run)."""
+
+    def __init__(self) -> None:
+        self.start_step = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start_step = state.global_step  # the checkpoint's step after a resume, else 0
+
+    def trained(self, state: Any) -> int:
+        """Optimizer steps this run took."""
+        return state.global_step - self.start_step
+
+
+__all__ = ["GradFlowCallback", "LossPlateauWarning", "RunStepsCallback", "TrainingStopped"]

@@ -14,6 +14,10 @@ class ConfigError(OcrMemError, ValueError):
     """A bad config value."""
 
 
+class ChatDataError(OcrMemError, ValueError):
+    """A line of a JSONL chat file cannot be trained on; the message names ``file:line`` and the field."""
+
+
 class CheckpointError(OcrMemError, ValueError):
     """A checkpoint is missing keys, has wrong shapes or is corrupt."""
 
@@ -55,6 +59,7 @@ class MissingGlyphWarning(UserWarning):
 
 
 __all__ = [
+    "ChatDataError",
     "CheckpointError",
     "ConfigError",
     "EmptyMemoryError",

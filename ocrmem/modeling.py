@@ -123,6 +123,27 @@ def resolve_model_path(name: str, field: str, base_dir: str | os.PathLike | None
     )
 
 
+def split_history_ids(row_ids: list[int], marker_ids: list[int], context_threshold: int) -> tuple[list[int], list[int], int]:
+    """The seed path's history split of one row, as ``(history, recent, recent_start)``.
+
+    With ``marker_ids`` (the assistant marker) in the row: history = everything before its last
+    occurrence. Without it: the last ``context_threshold`` tokens stay text and anything older is
+    history. History is compressed only when longer than ``context_threshold``; otherwise it is
+    returned empty and the whole row stays text. Shared by :meth:`MEMModel.split_history` and the
+    chat-data collator (:mod:`ocrmem.chat_data`), so both paths split a chat the same way.
+    """
+    start = None
+    for i in range(len(row_ids) - len(marker_ids), -1, -1):
+        if row_ids[i : i + len(marker_ids)] == marker_ids:
+            start = i
+            break
+    if start is None:
+        start = max(0, len(row_ids) - context_threshold)
+    if start <= context_threshold:
+        return [], row_ids, 0
+    return row_ids[:start], row_ids[start:], start
+
+
 def set_trainable_params(model: nn.Module, prefixes: list[str]) -> int:
     """Freeze every parameter, then unfreeze those whose name starts with one of ``prefixes``.
 
@@ -327,18 +348,7 @@ class MEMModel(PreTrainedModel):
         ``context_threshold`` tokens stay as text and anything older is history. History is
         compressed only when longer than ``context_threshold``; otherwise it is returned empty.
         """
-        marker = self._marker_ids()
-        start = None
-        for i in range(len(row_ids) - len(marker), -1, -1):
-            if row_ids[i : i + len(marker)] == marker:
-                start = i
-                break
-        threshold = self.config.context_threshold
-        if start is None:
-            start = max(0, len(row_ids) - threshold)
-        if start <= threshold:
-            return [], row_ids, 0
-        return row_ids[:start], row_ids[start:], start
+        return split_history_ids(row_ids, self._marker_ids(), self.config.context_threshold)
 
     def compress_history(
         self,
@@ -762,4 +772,5 @@ __all__ = [
     "left_pad",
     "resolve_model_path",
     "set_trainable_params",
+    "split_history_ids",
 ]

@@ -326,6 +326,17 @@ class _Layout:
         return slice(page * self.lines_per_page, (page + 1) * self.lines_per_page)
 
 
+class TextStats(NamedTuple):
+    """:meth:`PageRenderer.text_stats` of one text."""
+
+    pages: int  # pages the whole text needs
+    kept_pages: int  # pages drawn under max_pages (the most recent ones)
+    dropped_chars: int  # oldest characters max_pages leaves out
+    drawn_chars: int  # characters on the kept pages
+    missing_chars: int  # of those, drawn as empty boxes: the font has no glyph
+    missing_distinct: frozenset[str]  # which characters those are
+
+
 def check_text(text: object, name: str = "text") -> str:
     """``text`` if it is a ``str``; else a TypeError naming it (bytes: say to decode).
 
@@ -510,6 +521,32 @@ class PageRenderer:
             The page count :meth:`render` returns with ``max_pages=None`` (0 for ``""``).
         """
         return self._layout(text).num_pages
+
+    def text_stats(self, text: str, max_pages: int | None = None) -> TextStats:
+        """What rendering ``text`` would give, without drawing it (for data summaries).
+
+        Args:
+            text: The text to lay out.
+            max_pages: As in :meth:`render`.
+
+        Returns:
+            Pages needed and kept, the characters ``max_pages`` drops, and the characters on the
+            kept pages the font has no glyph for.
+        """
+        layout = self._layout(text)
+        pages = self._kept_pages(layout, max_pages, warn=False)
+        first_char = int(layout.line_starts[pages.start * layout.lines_per_page]) if len(pages) else len(text)
+        gids = layout.glyph_ids[first_char:]
+        missing = layout.glyphs.missing[gids]
+        distinct = frozenset(self.atlas.chars[g] for g in np.unique(gids[missing]).tolist())
+        return TextStats(
+            pages=layout.num_pages,
+            kept_pages=len(pages),
+            dropped_chars=first_char if len(pages) < layout.num_pages else 0,
+            drawn_chars=len(text) - first_char,
+            missing_chars=int(missing.sum()),
+            missing_distinct=distinct,
+        )
 
     def _kept_pages(self, layout: _Layout, max_pages: int | None, warn: bool) -> range:
         """The pages to draw: all, or the last ``max_pages`` (the most recent history)."""
@@ -799,6 +836,7 @@ __all__ = [
     "DEFAULT_FONT_CANDIDATES",
     "MIN_FONT_SIZE",
     "PageRenderer",
+    "TextStats",
     "check_text",
     "default_font_path",
     "pixel_values_from_text",

@@ -1,6 +1,17 @@
-"""Train the adapter (``proj``) of a MEMModel on the built-in synthetic memory task.
+"""Train the adapter (``proj``) of a MEMModel on your JSONL chats or the built-in synthetic memory task.
 
     python -m ocrmem.train --output-dir runs/tiny --max-steps 200
+    python -m ocrmem.train --output-dir runs/chats --train-data train.jsonl [--eval-data eval.jsonl]
+
+``--train-data``: one chat per line, ``{"messages": [{"role", "content"}]}`` or ShareGPT's
+``{"conversations": [{"from", "value"}]}``; every assistant turn is one sample, trained on its reply
+only (:mod:`ocrmem.chat_data`). Before training, a data summary is printed and written to
+``OUTPUT_DIR/data_summary.json``; characters the font cannot draw stop the run (exit 2) unless
+``--allow-missing-glyphs``. Evaluation (``--eval-steps N``, and always at the end) reports
+``eval_loss`` and ``eval_memory_gain`` — reply loss with another row's pages minus with the row's
+own (:mod:`ocrmem.evaluation`) — on ``--eval-data``, a held-out ``--eval-fraction`` of the rows,
+or (synthetic task) ``--num-eval-examples`` fresh examples. ``--bf16`` / ``--fp16``: mixed
+precision through the Trainer (fp16 needs a CUDA GPU).
 
 Each example's fact ("My cat is called Luna.") lives only in the history, which is rendered to
 pages and read through the frozen OCR encoder; the question is in the recent text and the answer
@@ -15,7 +26,10 @@ What ``OUTPUT_DIR`` holds afterwards:
 * ``checkpoint-N/`` every ``--save-steps`` (adapter, optimizer, scheduler, RNG state,
   ``trainer_state.json``; written crash-safely, see :mod:`ocrmem.training`);
 * ``trainer_state.json`` — HF's state with ``log_history`` (``loss``, ``grad_norm``,
-  ``proj_grad_norm``, ``empty_memory_batches``);
+  ``proj_grad_norm``, ``empty_memory_batches``; ``eval_loss``, ``eval_memory_gain``,
+  ``eval_loss_own_memory``, ``eval_loss_shuffled_memory``, ``eval_memory_rows``);
+* ``data_summary.json`` — with ``--train-data``: rows, samples, compressed share, pages per sample,
+  characters dropped by ``max_pages``, samples longer than the LLM's positions, missing glyphs;
 * ``loss_curve.png`` — loss per logged step, ``proj_grad_norm`` on a second axis.
 
 Every step is watched by :class:`~ocrmem.callbacks.GradFlowCallback` (first-batch gradient-flow
@@ -83,6 +97,10 @@ examples:
   # tiny preset, CPU, about a minute; then look at OUT/loss_curve.png
   python -m ocrmem.train --output-dir OUT --max-steps 300
 
+  # your chats (OpenAI/Qwen `messages` or ShareGPT `conversations`), evaluated every 100 steps, bf16
+  python -m ocrmem.train --output-dir OUT --train-data examples/chats.jsonl examples/chats_sharegpt.jsonl \
+      --eval-steps 100 --bf16
+
   # your own MEMModel dir (config.json naming the LLM and OCR dirs), the user's settings
   python -m ocrmem.train --model-dir /models/mem --output-dir OUT --batch-size 2 \\
       --grad-accum 8 --learning-rate 2e-4 --activation-checkpointing
@@ -140,9 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--deepspeed", metavar="CONFIG.json", help="DeepSpeed config passed to TrainingArguments (needs deepspeed and a launcher: torchrun or deepspeed); e.g. examples/ds_zero2_bf16.json")
     opt.add_argument("--ddp-timeout", type=int, default=1800, metavar="S",
                      help="seconds any collective of a multi-process run waits for the other ranks before failing (default 1800)")
+    precision = opt.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="bf16 mixed precision through the Trainer (autocast; CPU or GPU)")
+    precision.add_argument("--fp16", action="store_true", help="fp16 mixed precision through the Trainer (needs a CUDA GPU)")
 
     data = parser.add_argument_group("data")
+    data.add_argument("--train-data", metavar="FILE.jsonl", nargs="+",
+                      help='your chats, one JSON object per line: {"messages": [{"role", "content"}]} or ShareGPT\'s '
+                           '{"conversations": [{"from", "value"}]}; every assistant turn is one sample (default: the synthetic task)')
+    data.add_argument("--eval-data", metavar="FILE.jsonl", nargs="+", help="chats to evaluate on (default: --eval-fraction of --train-data's rows)")
+    data.add_argument("--eval-fraction", type=float, default=0.05, metavar="F",
+                      help="without --eval-data, hold out this fraction of --train-data's rows for evaluation; 0 = no evaluation (default 0.05)")
+    data.add_argument("--skip-bad-lines", action="store_true", help="skip lines that cannot be trained on (and say how many, which) instead of stopping")
+    data.add_argument("--allow-missing-glyphs", action="store_true", help="train even when the font lacks glyphs for some history characters")
+    data.add_argument("--font", metavar="FONT.ttf", help="font the history pages are rendered with (default: the model config's, else a CJK-capable system font)")
     data.add_argument("--num-examples", type=int, default=512, help="synthetic examples, reused across epochs (default 512)")
+    data.add_argument("--num-eval-examples", type=int, default=64, help="held-out synthetic examples evaluated on; 0 = no evaluation (default 64)")
     data.add_argument("--empty-history-fraction", type=float, default=0.0, metavar="F",
                       help="fraction of examples with no history at all (no pages: proj takes no part in such rows; default 0)")
     data.add_argument("--num-workers", type=int, default=0, help="DataLoader workers that render pages (default 0)")
@@ -151,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps; 0 = only the final adapter (default 50)")
     log.add_argument("--save-total-limit", type=int, default=3, help="keep the newest N checkpoints (default 3)")
     log.add_argument("--logging-steps", type=int, default=10, help="log loss and proj_grad_norm every N steps (default 10)")
+    log.add_argument("--eval-steps", type=int, default=0,
+                     help="evaluate (eval_loss, eval_memory_gain) every N steps; 0 = at the end only (default 0)")
+    log.add_argument("--eval-batch-size", type=int, default=8, help="rows per eval batch; memory is shuffled among a batch's rows (default 8)")
     log.add_argument("--patience", type=int, default=50, help="warn when the mean loss over N-step windows stops improving; 0 = never (default 50)")
     log.add_argument("--report-to", choices=("none", "wandb"), default="none", help="experiment tracker (default none)")
     log.add_argument("--save-rank-weights", action="store_true",
@@ -180,6 +214,24 @@ def validate(opts: argparse.Namespace) -> None:
         raise UsageError(f"--output-dir {opts.output_dir} is a file, not a directory: pass a directory (it is created if missing).")
     if opts.resume_partial and opts.resume_from_checkpoint is None:
         raise UsageError("--resume-partial needs --resume-from-checkpoint PATH|last.")
+    for flag, value in {"--eval-steps": opts.eval_steps, "--num-eval-examples": opts.num_eval_examples}.items():
+        if value < 0:
+            raise UsageError(f"--{flag.lstrip('-')} must be >= 0, got {value}.")
+    if opts.eval_batch_size < 2:
+        raise UsageError(f"--eval-batch-size must be at least 2 (memory is shuffled between rows), got {opts.eval_batch_size}.")
+    if not 0.0 <= opts.eval_fraction < 1.0:
+        raise UsageError(f"--eval-fraction must be within [0, 1), got {opts.eval_fraction}.")
+    for flag, values in {"--train-data": opts.train_data, "--eval-data": opts.eval_data, "--font": [opts.font] if opts.font else None}.items():
+        for value in values or []:
+            if not Path(value).is_file():
+                raise UsageError(f"{flag} {value}: no such file.")
+    if opts.eval_data is not None and opts.train_data is None:
+        raise UsageError("--eval-data needs --train-data (the synthetic task makes its own eval examples).")
+    if opts.fp16:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--fp16 needs a CUDA GPU (the Trainer's fp16 loss scaling does not run on CPU); use --bf16 on CPU.")
     if not 0.0 <= opts.empty_history_fraction <= 1.0:
         raise UsageError(f"--empty-history-fraction must be within [0, 1], got {opts.empty_history_fraction}.")
     if opts.model_dir is not None:
@@ -254,6 +306,11 @@ def training_arguments(opts: argparse.Namespace, output_dir: Path) -> Any:
         # Every trainable param takes part in every loss (the skip loss on batches without memory),
         # so DDP need not search the graph for unused ones — and an error would say if one were.
         ddp_find_unused_parameters=False,
+        bf16=opts.bf16,
+        fp16=opts.fp16,
+        per_device_eval_batch_size=opts.eval_batch_size,
+        eval_strategy="steps" if opts.eval_steps else "no",
+        eval_steps=opts.eval_steps or None,
         **compat.training_args_checkpointing(opts.activation_checkpointing),
     )
     if not cuda:
@@ -283,6 +340,67 @@ def build_examples(n: int, seed: int, empty_fraction: float) -> list[dict[str, s
     return examples
 
 
+EVAL_SEED_OFFSET = 10_000  # the synthetic eval examples come from another random stream than the training ones
+DATA_SUMMARY_NAME = "data_summary.json"
+
+
+def build_chat_data(opts: argparse.Namespace, model: Any, output_dir: Path,
+                    main_process: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Any]:
+    """Read ``--train-data`` / ``--eval-data``, print and write the data summary, refuse missing glyphs.
+
+    Returns:
+        ``(train_samples, eval_samples, collator)``.
+
+    Raises:
+        UsageError: A bad line (``file:line`` and the field), no sample, or glyphs the font lacks
+            (without ``--allow-missing-glyphs``).
+    """
+    from .chat_data import ChatCollator, chat_samples, format_summary, read_chats, split_rows, summarize
+    from .errors import ChatDataError
+
+    try:
+        train_files = [read_chats(path, skip_bad_lines=opts.skip_bad_lines) for path in opts.train_data]
+        eval_files = [read_chats(path, skip_bad_lines=opts.skip_bad_lines) for path in opts.eval_data or []]
+    except ChatDataError as err:
+        raise UsageError(f"{err} (--skip-bad-lines leaves such lines out)" if not opts.skip_bad_lines else str(err)) from err
+    for chat_file in train_files + eval_files:
+        if chat_file.skipped and main_process:
+            print(chat_file.skipped_message(), file=sys.stderr)
+    train_chats = [chat for f in train_files for chat in f.chats]
+    if eval_files:
+        eval_chats = [chat for f in eval_files for chat in f.chats]
+    else:
+        train_chats, eval_chats = split_rows(train_chats, opts.eval_fraction, opts.seed)
+    collator = ChatCollator.for_model(model)
+    common = dict(max_pages=model.config.max_pages, tokens_per_page=model.tokens_per_page,
+                  max_positions=getattr(model.base_llm.config, "max_position_embeddings", None))
+    summary: dict[str, Any] = {"version": 1, "train": summarize(train_files, train_chats, collator.tokens, collator.renderer, **common)}
+    if eval_chats:
+        summary["eval"] = summarize(eval_files, eval_chats, collator.tokens, collator.renderer, **common)
+        if not eval_files:
+            summary["eval"]["held_out_from"] = [str(f.path) for f in train_files]
+    if main_process:
+        for name in ("train", "eval"):
+            if name in summary:
+                print(format_summary(name, summary[name]), file=sys.stderr)
+        tmp = output_dir / f".{DATA_SUMMARY_NAME}.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, output_dir / DATA_SUMMARY_NAME)
+    missing = sum(summary[n]["glyphs"]["missing_chars"] for n in ("train", "eval") if n in summary)
+    if missing and not opts.allow_missing_glyphs:
+        examples = sorted({c for n in ("train", "eval") if n in summary for c in summary[n]["glyphs"]["missing_examples"]})
+        raise UsageError(
+            f"{missing:,} history characters (e.g. {''.join(examples[:8])!r}) have no glyph in the font "
+            f"{collator.renderer.font_path}: their pages would be empty boxes the OCR encoder cannot read. "
+            "Install a CJK font (`apt-get install -y fonts-wqy-microhei`) or pass --font FONT.ttf; "
+            "--allow-missing-glyphs trains anyway."
+        )
+    samples = chat_samples(train_chats)
+    if not samples:
+        raise UsageError(f"--train-data {' '.join(opts.train_data)}: no assistant turn left to train on.")
+    return samples, chat_samples(eval_chats), collator
+
+
 def ensure_model_dir(opts: argparse.Namespace, output_dir: Path) -> Path:
     """``--model-dir``, or the tiny preset in ``OUTPUT_DIR/model_init`` (written once)."""
     if opts.model_dir is not None:
@@ -295,12 +413,13 @@ def ensure_model_dir(opts: argparse.Namespace, output_dir: Path) -> Path:
     return model_dir
 
 
-def load_model(model_dir: Path) -> Any:
+def load_model(model_dir: Path, font: str | None = None) -> Any:
     """Load the MEMModel and make its config name the LLM and OCR dirs by absolute path, so every
-    checkpoint and the final adapter dir load from anywhere."""
+    checkpoint and the final adapter dir load from anywhere. ``font`` overrides ``font_path``."""
     from .modeling import MEMModel, resolve_model_path
 
-    model = MEMModel.from_pretrained(model_dir)
+    overrides = {"font_path": str(Path(font).resolve())} if font else {}
+    model = MEMModel.from_pretrained(model_dir, **overrides)
     config = model.config
     config.base_model_name = str(resolve_model_path(config.base_model_name, "base_model_name", model_dir).resolve())
     config.ocr_model_name = str(resolve_model_path(config.ocr_model_name, "ocr_model_name", model_dir).resolve())
@@ -441,7 +560,7 @@ def run_locked(opts: argparse.Namespace, output_dir: Path, resume: str | None) -
 
     from transformers import set_seed
 
-    from .callbacks import GradFlowCallback
+    from .callbacks import GradFlowCallback, RunStepsCallback
     from .data import MemoryCollator
     from .training import AdapterOnlyTrainer, without_zero3_init
 
@@ -453,19 +572,34 @@ def run_locked(opts: argparse.Namespace, output_dir: Path, resume: str | None) -
             model_dir = ensure_model_dir(opts, output_dir)
         set_seed(opts.seed)
         try:
-            model = load_model(model_dir)
+            model = load_model(model_dir, font=opts.font)
         except (FileNotFoundError, ValueError) as err:  # ConfigError / CheckpointError are ValueErrors
             raise UsageError(f"cannot load the model from {model_dir}: {err}") from err
     if main_process:
         print(model.parameter_report(), file=sys.stderr)
 
+    if opts.train_data is not None:
+        train_dataset, eval_dataset, collator = build_chat_data(opts, model, output_dir, main_process)
+    else:
+        from .data import synthetic_memory_examples
+
+        train_dataset = build_examples(opts.num_examples, opts.seed, opts.empty_history_fraction)
+        eval_dataset = synthetic_memory_examples(opts.num_eval_examples, seed=opts.seed + EVAL_SEED_OFFSET)
+        collator = MemoryCollator.for_model(model)
+    if opts.eval_steps and not eval_dataset:
+        raise UsageError("--eval-steps needs eval data: --eval-data, a non-zero --eval-fraction, or --num-eval-examples.")
+
+    from .evaluation import memory_gain_metrics
+
     callback = GradFlowCallback(patience=opts.patience)
     trainer = AdapterOnlyTrainer(
         model=model,
         args=args,
-        train_dataset=build_examples(opts.num_examples, opts.seed, opts.empty_history_fraction),
-        data_collator=MemoryCollator.for_model(model),
-        callbacks=[callback],
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset or None,
+        data_collator=collator,
+        compute_metrics=memory_gain_metrics if eval_dataset else None,
+        callbacks=[callback, RunStepsCallback()],
         allow_partial_resume=opts.resume_partial,
     )
     try:
@@ -477,7 +611,7 @@ def run_locked(opts: argparse.Namespace, output_dir: Path, resume: str | None) -
 def train_and_report(trainer: Any, model: Any, callback: Any, opts: argparse.Namespace, output_dir: Path,
                      resume: str | None) -> int:
     """Train, write the outputs, print the summary; the exit status."""
-    from .callbacks import TrainingStopped
+    from .callbacks import RunStepsCallback, TrainingStopped
 
     args = trainer.args
     main_process = args.process_index == 0
@@ -489,15 +623,19 @@ def train_and_report(trainer: Any, model: Any, callback: Any, opts: argparse.Nam
         finish(trainer, output_dir, save_adapter=False)  # keep the log up to the stop; the adapter is not saved
         return EXIT_STOPPED
     elapsed = time.perf_counter() - started
+    metrics = final_evaluation(trainer)
     summary = finish(trainer, output_dir, save_adapter=True)
     if opts.save_rank_weights:
         save_rank_weights(trainer, model, callback, output_dir)
     if main_process:
         weights = output_dir / "model.safetensors"
         checkpoints = sorted((p.name for p in output_dir.glob("checkpoint-*")), key=lambda n: int(n.rsplit("-", 1)[-1]))
+        steps = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RunStepsCallback))
+        resumed = f" (resumed at step {steps.start_step}, now at {trainer.state.global_step})" if steps.start_step else ""
         print(
-            f"trained {trainer.state.global_step} steps in {elapsed:.0f} s on {args.device} "
+            f"trained {steps.trained(trainer.state)} steps{resumed} in {elapsed:.0f} s on {args.device} "
             f"(world size {args.world_size}): loss {summary['first_loss']} -> {summary['last_loss']}\n"
+            f"{format_eval(metrics)}"
             f"adapter: {weights} ({weights.stat().st_size:,} bytes) + config.json "
             f"(loads with MEMModel.from_pretrained({str(output_dir)!r}))\n"
             f"checkpoints: {', '.join(checkpoints) or 'none'}\n"
@@ -505,6 +643,32 @@ def train_and_report(trainer: Any, model: Any, callback: Any, opts: argparse.Nam
             file=sys.stderr,
         )
     return EXIT_OK
+
+
+def final_evaluation(trainer: Any) -> dict[str, float] | None:
+    """``trainer.evaluate()`` unless the last logged evaluation is of the final step already."""
+    if trainer.eval_dataset is None:
+        return None
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if evals and evals[-1].get("step") == trainer.state.global_step:
+        return {k: v for k, v in evals[-1].items() if k.startswith("eval_")}
+    return trainer.evaluate()
+
+
+def format_eval(metrics: dict[str, float] | None) -> str:
+    """The summary line of the final evaluation."""
+    if not metrics:
+        return "evaluation: none (no eval data)\n"
+    line = f"evaluation: eval_loss {metrics['eval_loss']:.4f}"
+    if "eval_memory_gain" in metrics:
+        line += (
+            f", eval_memory_gain {metrics['eval_memory_gain']:+.4f} (reply loss with another row's pages "
+            f"{metrics['eval_loss_shuffled_memory']:.4f} - with its own {metrics['eval_loss_own_memory']:.4f}, "
+            f"{int(metrics['eval_memory_rows'])} rows)"
+        )
+    else:
+        line += ", eval_memory_gain not measured (no eval batch had two rows with pages)"
+    return line + "\n"
 
 
 SHUTDOWN_BARRIER_S = 120  # the ranks' last meeting; they all finished training by then

@@ -166,6 +166,18 @@ class AdapterOnlyTrainer(Trainer):
                     logs.update(extra(self.state))
         super().log(logs, *args, **kwargs)
 
+    # ------------------------------------------------------------------ evaluation
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[Any, Any, Any]:
+        """With ``compute_metrics=memory_gain_metrics``: the own- vs shuffled-memory evaluation
+        (:func:`ocrmem.evaluation.memory_prediction_step`); HF's step otherwise."""
+        from .evaluation import memory_gain_metrics, memory_prediction_step
+
+        if prediction_loss_only or self.compute_metrics is not memory_gain_metrics:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        return memory_prediction_step(self, model, inputs)
+
     # ------------------------------------------------------------------ train: lock + resume checks
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> TrainOutput:

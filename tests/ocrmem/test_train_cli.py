@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -118,7 +119,7 @@ class TestRun:
         assert code == EXIT_OK
         state = json.loads((trained_dir / "trainer_state.json").read_text())
         assert state["global_step"] == 8
-        assert "trained 8 steps" in capsys.readouterr().err
+        assert "trained 2 steps (resumed at step 6, now at 8)" in capsys.readouterr().err  # this run's steps
 
     def test_resume_refuses_a_corrupt_checkpoint_naming_the_intact_one(self, trained_dir, tmp_path, capsys):
         run = tmp_path / "run"
@@ -143,7 +144,9 @@ class TestRun:
         assert "final output dir, not a checkpoint" in err and f"Resume from {run / 'checkpoint-6'} instead" in err
         with caplog.at_level(logging.WARNING, logger="ocrmem"):  # the CLI's log handler is pytest's here
             assert main([*argv, "--resume-partial"]) == EXIT_OK
-        assert "trained 10 steps" in capsys.readouterr().err
+        # this run's steps (the dir's state is at step 6, or 8 after the resume test ran on the shared fixture)
+        found = re.search(r"trained (\d+) steps \(resumed at step (\d+), now at 10\)", capsys.readouterr().err)
+        assert found and int(found[1]) + int(found[2]) == 10 and int(found[2]) in (6, 8)
         assert any("restarting the optimizer state" in r.getMessage() for r in caplog.records)
 
     @pytest.mark.parametrize("max_steps", ["6", "4"])
@@ -171,3 +174,78 @@ class TestRun:
         assert "nan_loss" in err and "lower the learning rate" in err
         assert not (tmp_path / "model.safetensors").exists()  # the diverged adapter is not saved
         assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 1
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+CHAT_FILES = [str(EXAMPLES / "chats.jsonl"), str(EXAMPLES / "chats_sharegpt.jsonl")]
+DEJAVU = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"  # a Latin font: no CJK glyphs
+
+
+def chat_run(out: Path, model_dir: Path, *extra: str) -> list[str]:
+    return ["--output-dir", str(out), "--model-dir", str(model_dir), "--save-steps", "0", "--logging-steps", "2",
+            "--batch-size", "2", *extra]
+
+
+class TestChatData:
+    def test_trains_on_the_shipped_examples_with_summary_and_memory_gain(self, tmp_path, tiny_dir, capsys):
+        out = tmp_path / "run"
+        code = main(chat_run(out, tiny_dir, "--train-data", *CHAT_FILES, "--eval-fraction", "0.3",
+                             "--max-steps", "4", "--eval-steps", "2"))
+        assert code == EXIT_OK
+        err = capsys.readouterr().err
+        summary = json.loads((out / "data_summary.json").read_text(encoding="utf-8"))
+        rows = sum(1 for f in CHAT_FILES for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip())
+        assert summary["train"]["rows"] + summary["eval"]["rows"] == rows
+        assert summary["eval"]["held_out_from"] == CHAT_FILES
+        assert 0 < summary["train"]["compressed_history_share"] < 1  # long and short histories both present
+        assert summary["train"]["glyphs"]["missing_chars"] == 0  # the default font covers the Chinese chats
+        assert f"{summary['train']['rows']} rows -> {summary['train']['samples']} samples" in err
+        evals = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_loss" in h]
+        assert [h["step"] for h in evals] == [2, 4]
+        for h in evals:
+            assert h["eval_memory_gain"] == pytest.approx(h["eval_loss_shuffled_memory"] - h["eval_loss_own_memory"])
+            assert h["eval_memory_rows"] >= 2
+        assert f"eval_memory_gain {evals[-1]['eval_memory_gain']:+.4f}" in err
+
+    def test_bad_line_exits_2_naming_file_line_and_field(self, tmp_path, tiny_dir, capsys):
+        data = tmp_path / "bad.jsonl"
+        good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        data.write_text(good + "\n" + json.dumps({"messages": [{"role": "user", "content": None}]}) + "\n")
+        assert main(chat_run(tmp_path / "out", tiny_dir, "--train-data", str(data))) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"{data}:2" in err and "`messages[0].content` is null" in err and "--skip-bad-lines" in err
+
+    def test_missing_glyphs_stop_with_the_count_and_the_fix(self, tmp_path, tiny_dir, capsys):
+        if not Path(DEJAVU).is_file():
+            pytest.skip("DejaVuSans is not installed")
+        argv = chat_run(tmp_path / "out", tiny_dir, "--train-data", CHAT_FILES[0], "--font", DEJAVU, "--max-steps", "2")
+        assert main(argv) == EXIT_USAGE
+        err = capsys.readouterr().err
+        summary = json.loads((tmp_path / "out" / "data_summary.json").read_text(encoding="utf-8"))
+        missing = summary["train"]["glyphs"]["missing_chars"] + summary["eval"]["glyphs"]["missing_chars"]
+        assert missing > 0 and f"{missing:,} history characters" in err
+        assert "fonts-wqy-microhei" in err and "--font" in err and "--allow-missing-glyphs" in err
+
+    def test_allow_missing_glyphs_and_skip_bad_lines_go_on_in_bf16(self, tmp_path, tiny_dir, capsys):
+        if not Path(DEJAVU).is_file():
+            pytest.skip("DejaVuSans is not installed")
+        data = tmp_path / "mixed.jsonl"
+        lines = Path(CHAT_FILES[0]).read_text(encoding="utf-8").splitlines()
+        data.write_text("\n".join([lines[0], "{oops", *lines[1:4], '{"messages": [{"role": "bot", "content": "x"}]}', *lines[4:]]) + "\n",
+                        encoding="utf-8")
+        argv = chat_run(tmp_path / "out", tiny_dir, "--train-data", str(data), "--font", DEJAVU, "--allow-missing-glyphs",
+                        "--skip-bad-lines", "--bf16", "--max-steps", "2")
+        assert main(argv) == EXIT_OK
+        err = capsys.readouterr().err
+        assert f"skipped 2 bad line(s) of {data} (lines 2, 6)" in err
+        args = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)
+        assert args.bf16 is True
+
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: fp16 is allowed")
+    def test_fp16_on_cpu_exits_2_saying_it_needs_a_gpu(self, tmp_path, capsys):
+        assert main(["--output-dir", str(tmp_path), "--fp16"]) == EXIT_USAGE
+        assert "--fp16 needs a CUDA GPU" in capsys.readouterr().err
+
+    def test_bf16_and_fp16_are_exclusive(self, tmp_path, capsys):
+        assert main(["--output-dir", str(tmp_path), "--bf16", "--fp16"]) == EXIT_USAGE
+        assert "not allowed with argument" in capsys.readouterr().err
