@@ -5,7 +5,10 @@ The steps, in the order :func:`diagnose` runs them (see ``DESIGN.md``, "Diagnost
 1. count parameters and check ``expect_trainable`` (:mod:`diagnostics.params`);
 2. run the forward under :class:`~diagnostics.trace.ForwardTrace`;
 3. walk ``loss.grad_fn`` to the ``AccumulateGrad`` nodes it reaches (:mod:`diagnostics.graph`);
-4. run ``loss.backward()`` and keep the gradients (every ``.grad`` restored after);
+4. run ``loss.backward()`` and keep the gradients (every ``.grad`` restored after) — or, with
+   ``backward="autograd_grad"``, get them from ``torch.autograd.grad`` without touching ``.grad``
+   or firing the post-accumulate hooks distributed engines reduce from; ``backward=False``:
+   graph only;
 5. blame a mechanism for every trainable parameter without gradient (:mod:`diagnostics.blame`);
 6. run every cause's check (:mod:`diagnostics.causes`, one module per cause);
 7. build the module view (:mod:`diagnostics.module_view`) and the report.
@@ -98,7 +101,7 @@ def diagnose(
     expect_trainable: Optional[Sequence[str]] = None,
     *,
     forward: Optional[ForwardFn] = None,
-    backward: bool = True,
+    backward: bool | str = True,
     user_roots: Optional[Sequence[str]] = None,
     freeze_sites: Optional[dict[str, SourceLocation]] = None,
     lint: bool = True,
@@ -115,7 +118,12 @@ def diagnose(
         expect_trainable: parameter-name prefixes (``"proj"``) or fnmatch patterns
             (``"*lora_*"``) that must exist and be trainable.
         forward: ``forward(model, batch) -> output`` replacing the default call.
-        backward: run ``loss.backward()`` and check the gradients (restored after).
+        backward: how gradients are computed and checked. ``True``/``"backward"``: run
+            ``loss.backward()`` (every ``.grad`` restored after); ``"autograd_grad"``:
+            ``torch.autograd.grad(loss, params)``, which returns the gradients without
+            running ``AccumulateGrad``, so ``.grad`` is never written and post-accumulate
+            hooks (DDP's reducer, DeepSpeed ZeRO's reduction) do not fire;
+            ``False``/``"none"``: no backward, answer from the autograd graph only.
         user_roots: directories holding the user's code (default: the working
             directory); frames there are what findings point at.
         freeze_sites: parameter name -> where it was frozen (from
@@ -179,8 +187,15 @@ def diagnose(
     autograd_dot = _autograd_dot(ctx.loss, model) if full_graph and ctx.loss is not None else None
 
     # 4. the backward
-    if backward and ctx.loss is not None and ctx.loss.requires_grad:
-        _run_backward(ctx)
+    mode = {True: "backward", False: "none"}.get(backward, backward)  # type: ignore[call-overload]
+    if mode not in ("backward", "autograd_grad", "none"):
+        raise ValueError(f"backward={backward!r}: use True/'backward', 'autograd_grad' or False/'none'.")
+    if mode != "none" and ctx.loss is not None and ctx.loss.requires_grad:
+        # Reentrant checkpointing cannot run under autograd.grad(inputs=...): graph only there.
+        if mode == "backward":
+            _run_backward(ctx)
+        elif not ctx.graph.checkpoint_nodes:
+            _grad_without_accumulating(ctx)
     backward_done = time.perf_counter()
 
     # 5. blame, 6. every cause's check
@@ -299,6 +314,22 @@ def _lint(model: nn.Module, findings: list[Finding], classifier: CodeClassifier)
         _LINT_CACHE.clear()
     _LINT_CACHE[key] = (stamp, list(result))
     return result
+
+
+def _grad_without_accumulating(ctx: DiagnosisContext) -> None:
+    """The gradients from ``torch.autograd.grad``: ``AccumulateGrad`` never runs, so no ``.grad``
+    is written and no post-accumulate hook fires (DDP's reducer, DeepSpeed ZeRO's reduction)."""
+    assert ctx.loss is not None
+    leaves = [p for p in ctx.params.values() if p.requires_grad]
+    leaves += [v for k, v in ctx.graph.reached.items() if k not in ctx.names and v.requires_grad]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            grads = torch.autograd.grad(ctx.loss, leaves, allow_unused=True)
+        ctx.backward_ran = True
+        ctx.grad_values = {id(p): g for p, g in zip(leaves, grads) if g is not None}
+        ctx.got_grad = {pid for pid in ctx.grad_values if pid in ctx.trainable}
+    except Exception as exc:
+        ctx.run_error = _run_error("backward", exc, ctx.classifier)
 
 
 def _run_error(stage: str, exc: BaseException, classifier: CodeClassifier) -> RunError:
