@@ -553,6 +553,9 @@ def run(opts: argparse.Namespace) -> int:
 
 def run_locked(opts: argparse.Namespace, output_dir: Path, resume: str | None) -> int:
     """Build the model and trainer and train (the output dir is locked)."""
+    if int(os.environ.get("RANK", "0")) == 0:  # first output before the heavy imports (seconds)
+        print(f"python -m ocrmem.train: training into {output_dir}; importing torch and transformers ...",
+              file=sys.stderr, flush=True)
     try:
         args = training_arguments(opts, output_dir)
     except (ValueError, ImportError) as err:
