@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .causes import DETACHED, GRAD_DISABLED, REENTRANT_CHECKPOINT, UNUSED_PARAM
+from .causes.grad_disabled import CALLER
 from .context import DiagnosisContext
 from .graph import ReachMemo
 from .trace import CutEvent, DisableInfo, ModuleCall
@@ -110,6 +111,11 @@ def attribute_missing(ctx: DiagnosisContext, missing: list[int]) -> list[Blame]:
         # (a) the owner ran with grad disabled: the transition above it.
         off = [c for c in calls if not c.grad_enabled or c.inference_mode]
         if calls and len(off) == len(calls):
+            root = trace.transition_of(off[0].index)
+            if ctx.caller.off and root is not None and root.parent is None:
+                # Off since before the forward: the caller's mode, not the model's code.
+                add(("caller",), Blame(GRAD_DISABLED, list(pids), module, owner_name, reason=CALLER))
+                continue
             info, name = ctx.transition_disable(off[0].index)
             if info is not None:
                 if info.checkpoint is not None:

@@ -44,7 +44,10 @@ class CallerGradMode:
         inference_mode: ``torch.is_inference_mode_enabled()`` on entry.
         site: where the caller's code switched grad off, when found (an enclosing
             ``with no_grad()``, or an unrestored ``set_grad_enabled(False)``).
-        how: how ``site`` was found (``"enclosing"``, ``"unrestored"``, ``"watched"``).
+        how: how ``site`` was found: ``"enclosing"`` (a ``with`` block or decorator
+            around the call), ``"stack"`` (an earlier unrestored switch in a calling
+            function), ``"watched"`` (:func:`~diagnostics.freeze.grad_left_off`),
+            ``"static"`` (an unrestored switch somewhere in the user's loaded code).
         candidates: other unrestored switches in the user's code (when several).
         entry: the user's frame that called into the diagnosis (or the forward).
     """

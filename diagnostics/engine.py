@@ -5,7 +5,10 @@ The steps, in the order :func:`diagnose` runs them (see ``DESIGN.md``, "Diagnost
 1. count parameters and check ``expect_trainable`` (:mod:`diagnostics.params`);
 2. run the forward under :class:`~diagnostics.trace.ForwardTrace`;
 3. walk ``loss.grad_fn`` to the ``AccumulateGrad`` nodes it reaches (:mod:`diagnostics.graph`);
-4. run ``loss.backward()`` and keep the gradients (every ``.grad`` restored after);
+4. run ``loss.backward()`` and keep the gradients (every ``.grad`` restored after) — or, with
+   ``backward="autograd_grad"``, get them from ``torch.autograd.grad`` without touching ``.grad``
+   or firing the post-accumulate hooks distributed engines reduce from; ``backward=False``:
+   graph only;
 5. blame a mechanism for every trainable parameter without gradient (:mod:`diagnostics.blame`);
 6. run every cause's check (:mod:`diagnostics.causes`, one module per cause);
 7. build the module view (:mod:`diagnostics.module_view`) and the report.
@@ -16,6 +19,8 @@ untouched, train/eval mode untouched.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import traceback
 from collections.abc import Mapping
@@ -25,7 +30,8 @@ import torch
 from torch import nn
 
 from .blame import attribute_missing
-from .causes import CHECKS, Finding
+from .causes import CHECKS, Finding, not_trainable
+from .causes.grad_disabled import observe_caller
 from .causes.nan_loss import scalar
 from .context import DiagnosisContext, named_batch_tensors
 from .errors import LossNotFoundError
@@ -95,7 +101,7 @@ def diagnose(
     expect_trainable: Optional[Sequence[str]] = None,
     *,
     forward: Optional[ForwardFn] = None,
-    backward: bool = True,
+    backward: bool | str = True,
     user_roots: Optional[Sequence[str]] = None,
     freeze_sites: Optional[dict[str, SourceLocation]] = None,
     lint: bool = True,
@@ -112,7 +118,12 @@ def diagnose(
         expect_trainable: parameter-name prefixes (``"proj"``) or fnmatch patterns
             (``"*lora_*"``) that must exist and be trainable.
         forward: ``forward(model, batch) -> output`` replacing the default call.
-        backward: run ``loss.backward()`` and check the gradients (restored after).
+        backward: how gradients are computed and checked. ``True``/``"backward"``: run
+            ``loss.backward()`` (every ``.grad`` restored after); ``"autograd_grad"``:
+            ``torch.autograd.grad(loss, params)``, which returns the gradients without
+            running ``AccumulateGrad``, so ``.grad`` is never written and post-accumulate
+            hooks (DDP's reducer, DeepSpeed ZeRO's reduction) do not fire;
+            ``False``/``"none"``: no backward, answer from the autograd graph only.
         user_roots: directories holding the user's code (default: the working
             directory); frames there are what findings point at.
         freeze_sites: parameter name -> where it was frozen (from
@@ -129,9 +140,11 @@ def diagnose(
     """
     started = time.perf_counter()
     classifier = CodeClassifier(user_roots)
+    caller = observe_caller(classifier, sys._getframe(1), model)
     level = report_level_modules(model)
     ctx = DiagnosisContext.for_model(model, classifier, level)
     ctx.batch = batch
+    ctx.caller = caller
     ctx.batch_names = {id(t): key for key, t in named_batch_tensors(batch)}
 
     # 1. parameters and expectations
@@ -147,7 +160,9 @@ def diagnose(
     ctx.trace = trace
     output: Any = None
     forward_fn = forward or (lambda m, b: run_forward(m, b))
-    with torch.inference_mode(False), torch.enable_grad():
+    # In the caller's own grad mode (a step run with grad off is the bug to report, not
+    # to fix); the block restores the mode on exit whatever the forward switched.
+    with torch.set_grad_enabled(caller.grad_enabled):
         try:
             with trace:
                 output = forward_fn(model, batch)
@@ -172,8 +187,15 @@ def diagnose(
     autograd_dot = _autograd_dot(ctx.loss, model) if full_graph and ctx.loss is not None else None
 
     # 4. the backward
-    if backward and ctx.loss is not None and ctx.loss.requires_grad:
-        _run_backward(ctx)
+    mode = {True: "backward", False: "none"}.get(backward, backward)  # type: ignore[call-overload]
+    if mode not in ("backward", "autograd_grad", "none"):
+        raise ValueError(f"backward={backward!r}: use True/'backward', 'autograd_grad' or False/'none'.")
+    if mode != "none" and ctx.loss is not None and ctx.loss.requires_grad:
+        # Reentrant checkpointing cannot run under autograd.grad(inputs=...): graph only there.
+        if mode == "backward":
+            _run_backward(ctx)
+        elif not ctx.graph.checkpoint_nodes:
+            _grad_without_accumulating(ctx)
     backward_done = time.perf_counter()
 
     # 5. blame, 6. every cause's check
@@ -202,9 +224,7 @@ def diagnose(
         autograd_dot=autograd_dot,
     )
     if lint:
-        from .lint import lint_for_report
-
-        report.lint = lint_for_report(model, findings, classifier)
+        report.lint = _lint(model, findings, classifier)
     report.stats = {
         "forward_s": round(forward_done - started, 4),
         "backward_s": round(backward_done - forward_done, 4),
@@ -233,6 +253,12 @@ def _freeze_sites(
     missing = [n for n in frozen_expected if n not in sites]
     if missing:
         sites.update(static_freeze_sites(ctx.model, missing, ctx.classifier))
+    missing = [n for n in missing if n not in sites]
+    if missing and not_trainable.is_peft(ctx.model):
+        # Frozen by the library: the user's statement is the get_peft_model(...) call.
+        site = not_trainable.peft_freeze_site(ctx.classifier)
+        if site is not None:
+            sites.update({n: site for n in missing})
     return sites
 
 
@@ -255,6 +281,55 @@ def _run_backward(ctx: DiagnosisContext) -> None:
     finally:
         for p, grad in saved:
             p.grad = grad
+
+
+#: (model classes, finding lines, user roots) -> (file mtimes, lint findings); see :func:`_lint`.
+_LINT_CACHE: dict[tuple[Any, ...], tuple[tuple[tuple[str, float], ...], list[Any]]] = {}
+
+
+def _lint(model: nn.Module, findings: list[Finding], classifier: CodeClassifier) -> list[Any]:
+    """:func:`diagnostics.lint.lint_for_report`, memoised while the files involved are unchanged.
+
+    A training loop diagnoses the same model every N steps: the source does not change
+    between calls, and re-locating and re-walking it was a tenth of the diagnosis.
+    """
+    from .lint import lint_for_report
+
+    classes = frozenset(type(m) for m in model.modules())
+    key = (classes, tuple((f.file, f.line) for f in findings), classifier.user_roots)
+    files = {getattr(sys.modules.get(k.__module__), "__file__", None) for k in classes}
+    files.update(f.file for f in findings if f.file)
+    mtimes = []
+    for name in sorted(f for f in files if isinstance(f, str)):
+        try:
+            mtimes.append((name, os.stat(name).st_mtime))
+        except OSError:
+            mtimes.append((name, -1.0))
+    stamp = tuple(mtimes)
+    cached = _LINT_CACHE.get(key)
+    if cached is not None and cached[0] == stamp:
+        return list(cached[1])
+    result = lint_for_report(model, findings, classifier)
+    if len(_LINT_CACHE) > 32:
+        _LINT_CACHE.clear()
+    _LINT_CACHE[key] = (stamp, list(result))
+    return result
+
+
+def _grad_without_accumulating(ctx: DiagnosisContext) -> None:
+    """The gradients from ``torch.autograd.grad``: ``AccumulateGrad`` never runs, so no ``.grad``
+    is written and no post-accumulate hook fires (DDP's reducer, DeepSpeed ZeRO's reduction)."""
+    assert ctx.loss is not None
+    leaves = [p for p in ctx.params.values() if p.requires_grad]
+    leaves += [v for k, v in ctx.graph.reached.items() if k not in ctx.names and v.requires_grad]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            grads = torch.autograd.grad(ctx.loss, leaves, allow_unused=True)
+        ctx.backward_ran = True
+        ctx.grad_values = {id(p): g for p, g in zip(leaves, grads) if g is not None}
+        ctx.got_grad = {pid for pid in ctx.grad_values if pid in ctx.trainable}
+    except Exception as exc:
+        ctx.run_error = _run_error("backward", exc, ctx.classifier)
 
 
 def _run_error(stage: str, exc: BaseException, classifier: CodeClassifier) -> RunError:

@@ -27,6 +27,10 @@ from .source import CodeClassifier, SourceLocation, dotted_name, frame_location,
 
 _REQUIRES_GRAD_SET = torch.Tensor.requires_grad.__set__  # type: ignore[attr-defined]
 _REQUIRES_GRAD_ = torch.Tensor.requires_grad_
+_SET_GRAD = torch._C._set_grad_enabled
+
+#: the last watch whose block ended with grad off, with the switch (see :func:`grad_left_off`).
+_GRAD_LEFT_OFF: list[tuple[SourceLocation, "FreezeWatch"]] = []
 
 
 class FreezeWatch(TorchFunctionMode):
@@ -36,17 +40,34 @@ class FreezeWatch(TorchFunctionMode):
         classifier: decides which frame is the user's (default: cwd is the user's tree).
 
     After the block, :meth:`sites_for` maps a model's parameter names to locations.
+    It also watches grad-mode switches (``set_grad_enabled``, ``no_grad().__enter__()``):
+    when the block ends with grad off, the switch that did it is kept for
+    :func:`grad_left_off` (a factory that leaves grad off breaks the training step
+    that follows, and the diagnosis names the line).
     """
 
     def __init__(self, classifier: Optional[CodeClassifier] = None) -> None:
         super().__init__()
         self.classifier = classifier or CodeClassifier()
         self._sites: dict[int, tuple[Any, SourceLocation]] = {}
+        self.last_grad_off: Optional[SourceLocation] = None
+
+    def __exit__(self, *exc_info: Any) -> None:
+        super().__exit__(*exc_info)
+        _GRAD_LEFT_OFF.clear()
+        if not torch.is_grad_enabled() and self.last_grad_off is not None:
+            _GRAD_LEFT_OFF.append((self.last_grad_off, self))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         if kwargs is None:
             kwargs = {}
-        if func is _REQUIRES_GRAD_ or func is _REQUIRES_GRAD_SET:
+        if func is _SET_GRAD:
+            enabled = bool(args[0]) if args else True
+            if enabled:
+                self.last_grad_off = None
+            elif torch.is_grad_enabled():  # an on -> off transition: keep the first switch
+                self.last_grad_off = self._location()
+        elif func is _REQUIRES_GRAD_ or func == _REQUIRES_GRAD_SET:
             value = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
             tensor = args[0] if args else None
             if isinstance(tensor, torch.Tensor):
@@ -58,22 +79,24 @@ class FreezeWatch(TorchFunctionMode):
         if requires_grad:
             self._sites.pop(key, None)
             return
-        location = None
-        library = None
-        for frame in iter_frames(sys._getframe(2)):
-            kind = self.classifier.kind(frame.f_code.co_filename)
-            if kind == "user":
-                location = frame_location(frame)
-                break
-            if kind == "library" and library is None:
-                library = frame_location(frame)
-        location = location or library
+        location = self._location()
         if location is not None:
             try:
                 ref: Any = weakref.ref(tensor)
             except TypeError:
                 ref = None
             self._sites[key] = (ref, location)
+
+    def _location(self) -> Optional[SourceLocation]:
+        """First user frame of the current stack, else first library frame."""
+        library = None
+        for frame in iter_frames(sys._getframe(2)):
+            kind = self.classifier.kind(frame.f_code.co_filename)
+            if kind == "user":
+                return frame_location(frame)
+            if kind == "library" and library is None:
+                library = frame_location(frame)
+        return library
 
     def sites_for(self, model: nn.Module) -> dict[str, SourceLocation]:
         """Parameter name -> where it was (last) frozen, for the model's frozen params."""
@@ -87,6 +110,20 @@ class FreezeWatch(TorchFunctionMode):
                 continue  # the id was reused by another tensor
             out[name] = location
         return out
+
+
+def grad_left_off(model: Optional[nn.Module] = None) -> Optional[SourceLocation]:
+    """The switch the last :class:`FreezeWatch` block left grad off by, while grad is still off.
+
+    With ``model``, only when that block also froze some of the model's parameters
+    (it built or loaded this model): a record from another block may be stale.
+    """
+    if not _GRAD_LEFT_OFF or torch.is_grad_enabled():
+        return None
+    location, watch = _GRAD_LEFT_OFF[-1]
+    if model is not None and not watch.sites_for(model):
+        return None
+    return location
 
 
 def _freeze_target(node: ast.AST) -> Optional[tuple[ast.AST, int]]:
@@ -216,4 +253,4 @@ def static_freeze_sites(
     return out
 
 
-__all__ = ["FreezeWatch", "static_freeze_sites"]
+__all__ = ["FreezeWatch", "grad_left_off", "static_freeze_sites"]

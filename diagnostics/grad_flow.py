@@ -5,6 +5,10 @@ trainable parameter, whether gradient reaches it — and when it does not, the c
 (grad disabled by a ``no_grad``/``inference_mode`` block, a detach, a frozen or
 unregistered module, a reentrant checkpoint, a NaN loss, a module that never ran)
 with the file and line responsible and the fix. See ``--help``.
+
+Start-up is cheap on purpose: this module imports only the standard library and the
+torch-free causes catalogue, so ``--help`` and argument errors answer at once; torch, the
+engine and the model are imported after a first progress line says what is loading.
 """
 
 from __future__ import annotations
@@ -16,26 +20,26 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .causes import CAUSES
-from .engine import diagnose, move_batch
 from .errors import CannotRunError, FactoryError
-from .freeze import FreezeWatch
-from .report import Report, merge_reports
-from .source import CodeClassifier
+from .paths import check_model_dir, check_output_path
+
+if TYPE_CHECKING:
+    from .freeze import FreezeWatch
+    from .report import Report
+    from .source import CodeClassifier
 
 EXIT_OK = 0  # every trainable parameter gets a finite, non-zero gradient
 EXIT_FINDINGS = 1  # at least one error finding (the report says which and why)
 EXIT_CANNOT_RUN = 2  # bad arguments/path, import error, or the model failed for a non-gradient reason
 
+#: --dtype spelling -> torch attribute (resolved after torch is imported).
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": "float32", "fp32": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
 
 _EPILOG = """\
@@ -65,10 +69,15 @@ examples:
 
 exit status:
   0  healthy: every trainable parameter gets a finite, non-zero gradient
-     (warnings such as wasted_tracking may still be printed)
+     (warnings such as wasted_tracking or missing_glyphs may still be printed)
   1  at least one error finding; the report names the cause, file:line and fix
-  2  could not run: bad path or FILE.py:FUNC, import error, or the model raised an
-     error that is not a gradient-flow problem (e.g. a shape mismatch)
+  2  could not run: bad arguments (--device, --dtype, FILE.py:FUNC), a missing MODEL_DIR,
+     a --data file in another format, an unwritable --json/--graph path, an import error,
+     or the model raised an error that is not a gradient-flow problem (a shape mismatch);
+     one line on stderr says what and how to fix it
+
+batches are numbered from 1 everywhere (progress lines, text, JSON "batches"), and --data
+findings name the JSONL line numbers (1-based, as an editor shows them).
 """
 
 
@@ -124,6 +133,24 @@ class _Progress:
             print(f"[grad_flow {time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+def check_factory_spec(spec: str) -> tuple[Path, str]:
+    """``FILE.py:FUNC`` split and checked without importing anything.
+
+    Raises:
+        FactoryError: no colon, missing file, or a function name that is not an identifier.
+    """
+    example = "e.g. --factory my_check.py:build"
+    if ":" not in spec:
+        raise FactoryError(f"--factory expects FILE.py:FUNC, got `{spec}` ({example})")
+    file, _, func_name = spec.rpartition(":")
+    path = Path(file)
+    if not path.is_file():
+        raise FactoryError(f"--factory file `{file}` does not exist ({example}, a path relative to the working directory)")
+    if not func_name.isidentifier():
+        raise FactoryError(f"--factory function name `{func_name}` is not a Python identifier ({example})")
+    return path, func_name
+
+
 def load_factory(spec: str, classifier: CodeClassifier) -> tuple[dict[str, Any], FreezeWatch]:
     """Import ``FILE.py:FUNC`` and call ``FUNC()`` while watching what it freezes.
 
@@ -131,14 +158,12 @@ def load_factory(spec: str, classifier: CodeClassifier) -> tuple[dict[str, Any],
         FactoryError: malformed spec, missing file/function, bad return value.
         CannotRunError: the file failed to import or FUNC raised.
     """
-    if ":" not in spec:
-        raise FactoryError(f"--factory expects FILE.py:FUNC, got `{spec}`")
-    file, _, func_name = spec.rpartition(":")
-    path = Path(file)
-    if not path.is_file():
-        raise FactoryError(f"--factory file `{file}` does not exist")
-    if not func_name.isidentifier():
-        raise FactoryError(f"--factory function name `{func_name}` is not a Python identifier")
+    from torch import nn
+
+    from .freeze import FreezeWatch
+
+    path, func_name = check_factory_spec(spec)
+    file = str(path)
     folder = str(path.resolve().parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)  # let the factory import its neighbours
@@ -168,6 +193,26 @@ def load_factory(spec: str, classifier: CodeClassifier) -> tuple[dict[str, Any],
     return result, watch
 
 
+def check_device(name: str) -> Any:
+    """``torch.device(name)`` after a probe allocation, or :class:`CannotRunError` with the fix."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise CannotRunError(
+            f"--device `{name}` is not a device name ({str(exc).splitlines()[0]}); use cpu, cuda, cuda:N or mps"
+        ) from exc
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        available = "cpu" + (f", cuda:0..cuda:{torch.cuda.device_count() - 1}" if torch.cuda.is_available() else "")
+        raise CannotRunError(
+            f"--device `{name}` is not usable here ({str(exc).splitlines()[0]}); available: {available}"
+        ) from exc
+    return device
+
+
 def _write_json(report: Report, target: str) -> None:
     text = json.dumps(report.to_json(), indent=2, default=str)
     if target == "-":
@@ -186,58 +231,92 @@ def _print_text(text: str, stream: Any) -> None:
     print(text, file=stream)
 
 
+def _fail(message: str) -> int:
+    print(f"grad_flow: {message}", file=sys.stderr)
+    return EXIT_CANNOT_RUN
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit status (see ``--help``)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
+        return int(exit_.code or 0)
     progress = _Progress(args.quiet)
     if args.model_dir and args.factory:
-        print("grad_flow: give MODEL_DIR or --factory, not both", file=sys.stderr)
-        return EXIT_CANNOT_RUN
+        return _fail("give MODEL_DIR or --factory, not both")
     if args.factory and (args.data or args.seed_path):
-        print("grad_flow: --data and --seed-path need MODEL_DIR (or no argument), not --factory", file=sys.stderr)
-        return EXIT_CANNOT_RUN
+        return _fail("--data and --seed-path need MODEL_DIR (or no argument), not --factory")
     if args.batch_size < 1:
-        print(f"grad_flow: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
+        return _fail(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.batches < 1:
-        print(f"grad_flow: --batches must be >= 1, got {args.batches}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
-    dtype = _DTYPES[args.dtype] if args.dtype else None
+        return _fail(f"--batches must be >= 1, got {args.batches}")
+    try:  # everything checkable without torch, before the seconds its import costs
+        if args.factory:
+            check_factory_spec(args.factory)
+        elif args.model_dir:
+            check_model_dir(args.model_dir)
+        if args.data and not Path(args.data).is_file():
+            problem = "is a directory" if Path(args.data).is_dir() else "does not exist"
+            raise CannotRunError(f"--data `{args.data}` {problem}; give a JSONL file, one JSON object per line")
+        if args.json and args.json != "-":
+            check_output_path("--json", args.json)
+        if args.graph:
+            check_output_path("--graph", args.graph, example="grad_flow.svg")
+    except CannotRunError as exc:
+        return _fail(str(exc))
+    if args.factory:
+        progress(f"importing torch, then building the model with {args.factory}")
+    else:
+        progress(f"importing torch, then loading {args.model_dir or 'the embedded tiny MEMModel'}")
+    try:
+        return _run(args, progress)
+    except CannotRunError as exc:
+        return _fail(str(exc))
+    except OSError as exc:  # writing --json/--graph after all (disk full, permissions changed)
+        return _fail(f"{exc}; give a path in a writable folder")
+
+
+def _run(args: argparse.Namespace, progress: _Progress) -> int:
+    """The diagnosis proper: heavy imports, load, diagnose every batch, write the outputs."""
+    import torch
+
+    from .engine import diagnose, move_batch
+    from .report import merge_reports
+    from .source import CodeClassifier
+
+    device = check_device(args.device) if args.device else None
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
     roots = [os.getcwd(), *args.user_root]
     if args.factory:
         roots.append(str(Path(args.factory.rpartition(":")[0]).resolve().parent))
     classifier = CodeClassifier(roots)
     load_findings: list[Any] = []
     freeze_sites: dict[str, Any] = {}
-    try:
-        if args.factory:
-            progress(f"building the model with {args.factory}")
-            result, watch = load_factory(args.factory, classifier)
-            model: nn.Module = result["model"]
-            batches = list(result["batches"]) if "batches" in result else [result["batch"]]
-            expect = list(result.get("expect_trainable") or [])
-            freeze_sites = watch.sites_for(model)
-            if args.device or dtype is not None:
-                model.to(device=args.device or "cpu")
-                if dtype is not None:
-                    model.to(dtype=dtype)
-                batches = [move_batch(b, args.device or "cpu", dtype) for b in batches]
-        else:
-            if args.model_dir and not Path(args.model_dir).is_dir():
-                print(f"grad_flow: MODEL_DIR `{args.model_dir}` is not a directory", file=sys.stderr)
-                return EXIT_CANNOT_RUN
-            from .mem_adapter import LAST_FREEZE_SITES, load_model_dir
+    data_findings: list[Any] = []
+    if args.factory:
+        result, watch = load_factory(args.factory, classifier)
+        model = result["model"]
+        batches = list(result["batches"]) if "batches" in result else [result["batch"]]
+        expect = list(result.get("expect_trainable") or [])
+        freeze_sites = watch.sites_for(model)
+        if device is not None or dtype is not None:
+            model.to(device=device or "cpu")
+            if dtype is not None:
+                model.to(dtype=dtype)
+            batches = [move_batch(b, device or "cpu", dtype) for b in batches]
+    else:
+        from . import mem_adapter
+        from .data_findings import data_findings as scan_findings
 
-            progress(f"loading {'the embedded tiny MEMModel' if not args.model_dir else args.model_dir}")
-            model, batches, expect, load_findings = load_model_dir(
-                args.model_dir, device=args.device or "cpu", dtype=dtype, n_batches=args.batches,
-                batch_size=args.batch_size, data=args.data, seed_path=args.seed_path,
-            )
-            freeze_sites = dict(LAST_FREEZE_SITES)
-    except CannotRunError as exc:
-        print(f"grad_flow: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
+        model, batches, expect, load_findings = mem_adapter.load_model_dir(
+            args.model_dir, device=device or "cpu", dtype=dtype, n_batches=args.batches,
+            batch_size=args.batch_size, data=args.data, seed_path=args.seed_path,
+        )
+        freeze_sites = dict(mem_adapter.LAST_FREEZE_SITES)
+        if mem_adapter.LAST_DATA_SCAN is not None:
+            data_findings = scan_findings(mem_adapter.LAST_DATA_SCAN)
     expect = list(dict.fromkeys([*expect, *args.expect_trainable]))
     reports = []
     for index, batch in enumerate(batches):
@@ -251,6 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     report = merge_reports(reports)
     report.load = list(load_findings)
+    report.findings.extend(data_findings)
     progress("done")
 
     text_stream = sys.stderr if args.json == "-" else sys.stdout
@@ -269,7 +349,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return EXIT_FINDINGS if report.status == "error" else EXIT_OK
 
 
-__all__ = ["EXIT_CANNOT_RUN", "EXIT_FINDINGS", "EXIT_OK", "build_parser", "load_factory", "main"]
+__all__ = [
+    "EXIT_CANNOT_RUN",
+    "EXIT_FINDINGS",
+    "EXIT_OK",
+    "build_parser",
+    "check_device",
+    "check_factory_spec",
+    "check_output_path",
+    "load_factory",
+    "main",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

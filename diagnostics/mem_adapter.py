@@ -5,22 +5,31 @@ public API: ``ocrmem.tiny.write_tiny``, ``ocrmem.MEMModel.from_pretrained`` and
 ``ocrmem.data`` (collator, JSONL reader, seed-path batches). Loading runs inside
 :class:`~diagnostics.load_triage.LoadTriage` so the load-time warnings are
 classified, and inside :class:`~diagnostics.freeze.FreezeWatch` so a frozen ``proj``
-can be traced back to the line that froze it.
+can be traced back to the line that froze it. With ``data``, every row is also rendered
+once more on its own (:func:`scan_rows`, ~6 ms a row on the tiny preset) so that the
+renderer's warnings — missing glyphs, pages dropped by ``max_pages`` — and rows without
+memory can be reported with their JSONL line (:data:`LAST_DATA_SCAN`,
+:mod:`diagnostics.data_findings`) instead of as anonymous Python warnings.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
 
+from .data_findings import DataScan, RowCheck
 from .engine import move_batch
 from .errors import CannotRunError
+from .paths import check_model_dir
 from .freeze import FreezeWatch
 from .load_triage import LoadTriage, TriageFinding
 from .source import SourceLocation
@@ -37,6 +46,12 @@ class LoadedModel(NamedTuple):
 
 #: parameter name -> where it was frozen, for the last model loaded (see FreezeWatch).
 LAST_FREEZE_SITES: dict[str, SourceLocation] = {}
+
+#: what rendering the ``data`` rows of the last :func:`load_model_dir` call found (None without data).
+LAST_DATA_SCAN: Optional[DataScan] = None
+
+_ROW_FORMAT = "one JSON object per line: {\"messages\": [...]} (chat) or {\"history\", \"prompt\", \"response\"}"
+_MISSING_COUNT = re.compile(r"^([\d,]+) characters")
 
 
 def _import_ocrmem() -> Any:
@@ -89,16 +104,21 @@ def load_model_dir(
         ``(model, batches, expect_trainable, triage_findings)``.
 
     Raises:
-        CannotRunError: missing directory, ocrmem not importable, loading failed.
+        CannotRunError: missing directory, ocrmem not importable, loading failed, a ``data``
+            file that is missing or not JSONL rows in a known format (``FILE:LINE`` named).
     """
+    global LAST_DATA_SCAN
+    LAST_DATA_SCAN = None
     ocrmem = _import_ocrmem()
+    if path is not None:
+        check_model_dir(path)
+    n_batches = max(1, n_batches)
+    lines: list[int] = []
+    if data is not None:  # before loading the model: a bad file fails in a second, not after the load
+        examples, lines = read_data_rows(ocrmem, data)
     if path is None:
         path = _tiny_dir()
     path = Path(path)
-    if not path.is_dir():
-        raise CannotRunError(f"MODEL_DIR `{path}` is not a directory")
-    if not (path / "config.json").is_file():
-        raise CannotRunError(f"MODEL_DIR `{path}` has no config.json: not a MEMModel directory")
     watch = FreezeWatch()
     with LoadTriage() as triage:
         try:
@@ -113,27 +133,147 @@ def load_model_dir(
         model.to(dtype=dtype)
     model.train()
     expect = expect_trainable_for(model)
-    try:
-        if data is not None:
-            examples = ocrmem.data.load_jsonl_examples(data)
-        else:
-            examples = ocrmem.data.synthetic_memory_examples(max(1, n_batches) * batch_size, seed=seed)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CannotRunError(f"reading --data `{data}` failed: {exc}") from exc
-    if not examples:
-        raise CannotRunError(f"--data `{data}` holds no examples")
+    if data is None:
+        examples = ocrmem.data.synthetic_memory_examples(n_batches * batch_size, seed=seed)
     collate = (
         (lambda rows: ocrmem.data.seed_path_batch(model.tokenizer, rows))
         if seed_path
         else ocrmem.data.MemoryCollator.for_model(model)
     )
     batches = []
-    for i in range(max(1, n_batches)):
+    for i in range(n_batches):
         rows = examples[i * batch_size : (i + 1) * batch_size]
         if not rows:
             break
-        batches.append(move_batch(collate(rows), device, dtype))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batch = collate(rows)
+        for w in caught:  # with --data the renderer's warnings become findings (scan_rows)
+            if data is None or not _is_render_warning(ocrmem, w):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        batches.append(move_batch(batch, device, dtype))
+    if data is not None:
+        used = examples[: len(batches) * batch_size]
+        LAST_DATA_SCAN = DataScan(
+            path=str(data),
+            rows=scan_rows(ocrmem, model, collate, used, lines, batch_size, seed_path),
+            available=len(examples),
+            batches_asked=n_batches,
+            batches_built=len(batches),
+            batch_size=batch_size,
+            seed_path=seed_path,
+            context_threshold=model.config.context_threshold,
+            max_pages=model.config.max_pages,
+            font_path=model.renderer.font_path,
+        )
     return LoadedModel(model, batches, expect, triage.findings(model, expect))
 
 
-__all__ = ["LAST_FREEZE_SITES", "LoadedModel", "expect_trainable_for", "load_model_dir"]
+def read_data_rows(ocrmem: Any, data: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The examples of a JSONL file and the (1-based) line of each, checked for the row format.
+
+    Raises:
+        CannotRunError: missing file, not UTF-8 text, a line that is not a JSON object, a row in
+            neither accepted format (the message names ``FILE:LINE`` and the format).
+    """
+    path = Path(data)
+    try:
+        examples = ocrmem.data.load_jsonl_examples(path)
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise CannotRunError(f"--data `{data}` does not exist; give a JSONL file, {_ROW_FORMAT}") from exc
+    except UnicodeDecodeError as exc:
+        raise CannotRunError(
+            f"--data `{data}` is not UTF-8 text ({exc.reason} at byte {exc.start}; Parquet/Arrow/CSV are not "
+            f"read): convert it to JSONL, {_ROW_FORMAT}"
+        ) from exc
+    except OSError as exc:
+        raise CannotRunError(f"reading --data `{data}` failed: {exc}") from exc
+    except ValueError as exc:  # ocrmem's ConfigError: bad JSON line, or a chat in the wrong shape
+        message = str(exc)
+        if str(path) not in message:  # a chat in the wrong shape: find its line
+            message = f"{path}:{_bad_chat_line(ocrmem, path)}: {message}"
+        raise CannotRunError(f"--data: {message} Expected {_ROW_FORMAT}.") from exc
+    lines = [number for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not examples:
+        raise CannotRunError(f"--data `{data}` holds no examples; expected {_ROW_FORMAT}")
+    for example, number in zip(examples, lines):
+        bad = [k for k in ("history", "prompt", "response") if not isinstance(example.get(k), str)]
+        if bad:
+            raise CannotRunError(
+                f"--data {path}:{number}: unknown row format (keys {sorted(example)}; {bad} missing or not "
+                f"strings); expected {_ROW_FORMAT}"
+            )
+    return examples, lines
+
+
+def _bad_chat_line(ocrmem: Any, path: Path) -> Any:
+    """The first line whose ``messages`` :func:`ocrmem.data.split_chat` rejects (``?`` if none)."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+            if isinstance(row, dict) and "messages" in row:
+                ocrmem.data.split_chat(row["messages"])
+        except (ValueError, TypeError, AttributeError, KeyError):
+            return number
+    return "?"
+
+
+def _is_render_warning(ocrmem: Any, w: warnings.WarningMessage) -> bool:
+    return issubclass(w.category, ocrmem.MissingGlyphWarning) or "max_pages=" in str(w.message)
+
+
+def scan_rows(
+    ocrmem: Any,
+    model: Any,
+    collate: Any,
+    examples: list[dict[str, Any]],
+    lines: list[int],
+    batch_size: int,
+    seed_path: bool,
+) -> list[RowCheck]:
+    """Render each row's history as the batch path does and record what the renderer warned.
+
+    Fast path: the collator renders ``history`` with its renderer and ``max_pages``. Seed
+    path: the model splits the whole chat (history only when longer than
+    ``context_threshold``), decodes it and renders it with its own renderer.
+    """
+    if seed_path:
+        renderer, max_pages = model.renderer, model.config.max_pages
+    else:
+        renderer, max_pages = collate.renderer, collate.max_pages
+    checks = []
+    for index, (example, line) in enumerate(zip(examples, lines)):
+        text = example["history"]
+        if seed_path:
+            ids = ocrmem.data.seed_path_batch(model.tokenizer, [example])["input_ids"][0].tolist()
+            history, _, _ = model.split_history(ids)
+            text = model.tokenizer.decode(history, skip_special_tokens=False) if history else ""
+        check = RowCheck(line=line, batch=index // batch_size + 1, pages=0, needed=0)
+        if text:
+            check.needed = renderer.pages_needed(text)
+            check.pages = check.needed if max_pages is None else min(check.needed, max_pages)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                renderer.render_array(text, max_pages)
+            for w in caught:
+                message = str(w.message)
+                if issubclass(w.category, ocrmem.MissingGlyphWarning):
+                    count = _MISSING_COUNT.match(message)
+                    check.missing = int(count.group(1).replace(",", "")) if count else 1
+                    check.missing_message = message
+                elif "max_pages=" in message:
+                    check.truncated_message = message
+        checks.append(check)
+    return checks
+
+
+__all__ = [
+    "LAST_DATA_SCAN",
+    "LAST_FREEZE_SITES",
+    "LoadedModel",
+    "expect_trainable_for",
+    "load_model_dir",
+    "read_data_rows",
+    "scan_rows",
+]

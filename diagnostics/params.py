@@ -148,13 +148,53 @@ def _count(params: Iterable[nn.Parameter], seen: Optional[set[int]] = None) -> t
     return total, trainable
 
 
-def _tree(name: str, module: nn.Module, depth: int) -> ModuleParams:
-    total, trainable = _count(module.parameters())
+class _SubtreeCounts:
+    """(total, trainable) of every module's subtree, shared parameters once per subtree.
+
+    One post-order pass over the modules, each module's own ``_parameters`` read once:
+    ``module.parameters()`` per module would walk every subtree again (quadratic in depth).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._ids: dict[int, dict[int, tuple[int, bool]]] = {}
+        self._counts: dict[int, tuple[int, int]] = {}
+        self._build(model)
+
+    def _build(self, root: nn.Module) -> None:
+        stack: list[tuple[nn.Module, bool]] = [(root, False)]
+        while stack:
+            module, ready = stack.pop()
+            key = id(module)
+            if key in self._ids and not ready:
+                continue
+            children = [c for c in module._modules.values() if c is not None]
+            if not ready:
+                stack.append((module, True))
+                stack.extend((c, False) for c in children if id(c) not in self._ids)
+                continue
+            params: dict[int, tuple[int, bool]] = {
+                id(p): (p.numel(), p.requires_grad) for p in module._parameters.values() if p is not None
+            }
+            for child in children:
+                params.update(self._ids[id(child)])
+            self._ids[key] = params
+            self._counts[key] = (
+                sum(n for n, _ in params.values()),
+                sum(n for n, trains in params.values() if trains),
+            )
+
+    def of(self, module: nn.Module) -> tuple[int, int]:
+        """(total, trainable) elements under ``module``."""
+        return self._counts[id(module)]
+
+
+def _tree(name: str, module: nn.Module, depth: int, counts: _SubtreeCounts) -> ModuleParams:
+    total, trainable = counts.of(module)
     node = ModuleParams(name, total, trainable)
     if depth > 0:
         for child_name, child in module.named_children():
             qualified = f"{name}.{child_name}" if name else child_name
-            node.children.append(_tree(qualified, child, depth - 1))
+            node.children.append(_tree(qualified, child, depth - 1, counts))
     return node
 
 
@@ -172,13 +212,14 @@ def parameter_table(
     Returns:
         The table; shared (tied) parameters are counted once in the totals.
     """
-    total, trainable = _count(model.parameters())
+    counts = _SubtreeCounts(model)
+    total, trainable = counts.of(model)
     modules = []
     for name, module in report_level_modules(model):
         if name.endswith(":own"):
             t, tr = _count(module.parameters(recurse=False))
         else:
-            t, tr = _count(module.parameters())
+            t, tr = counts.of(module)
         modules.append(ModuleParams(name, t, tr))
     expected: dict[str, bool] = {}
     if expect_trainable:
@@ -188,7 +229,7 @@ def parameter_table(
             expected[module.name] = any(
                 matches(n, p) for p in expect_trainable for n in names if _under(n, base)
             )
-    return ParameterTable(total, trainable, modules, _tree("", model, tree_depth), expected)
+    return ParameterTable(total, trainable, modules, _tree("", model, tree_depth, counts), expected)
 
 
 def _under(param_name: str, module_name: str) -> bool:
@@ -243,7 +284,14 @@ def check_expectations(
         site = None
         if freeze_sites:
             site = next((freeze_sites[n] for n in frozen if n in freeze_sites), None)
-        findings.append(not_trainable.frozen_expected(pattern, frozen, len(hits), site))
+        peft = not_trainable.is_peft(model)
+        names: list[str] = []
+        prefix = ""
+        if peft and hasattr(model, "get_base_model"):
+            base = model.get_base_model()
+            names = [n for n, _ in base.named_modules(remove_duplicate=False)]
+            prefix = next((n for n, m in model.named_modules() if m is base), "")
+        findings.append(not_trainable.frozen_expected(pattern, frozen, len(hits), site, peft, names, prefix))
     return findings
 
 

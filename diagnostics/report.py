@@ -1,8 +1,17 @@
 """The diagnosis result: human text, stable JSON, exit status.
 
-JSON schema (``version`` 1; fields are added over time, never renamed)::
+JSON schema: ``diagnostics/report.schema.json`` (JSON Schema 2020-12, pinned by
+``tests/diagnostics/test_diag_report_schema.py``). ``version`` is bumped on every change
+of the schema file; the history is in the schema's ``description``:
 
-    {"version": 1, "status": "ok" | "error",
+* 1 — first release.
+* 2 — the ``--data`` causes ``missing_glyphs``, ``history_truncated``, ``no_memory`` and
+  ``fewer_batches``; batch numbers (``batches[].index``, a finding's ``batches``) count
+  from 1, as the text and the progress lines do (0-based in version 1).
+
+Outline::
+
+    {"version": 2, "status": "ok" | "error",
      "loss": {"requires_grad", "grad_fn", "value", ...},
      "params": {"total", "trainable", "modules": {NAME: {"total", "trainable"}}, ...},
      "findings": [{"severity", "cause", "message", "module", "params", "file", "line", ...}],
@@ -12,6 +21,7 @@ JSON schema (``version`` 1; fields are added over time, never renamed)::
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence
@@ -19,7 +29,17 @@ from typing import Any, Optional, Protocol, Sequence
 from .causes import ERROR, INFO, WARNING, Finding, severity_rank
 from .params import ParameterTable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: the JSON Schema of :meth:`Report.to_json` (shipped as package data).
+SCHEMA_FILE = "report.schema.json"
+
+
+def load_schema() -> dict[str, Any]:
+    """The report's JSON Schema (draft 2020-12), e.g. for ``jsonschema.validate(report, load_schema())``."""
+    from importlib.resources import files
+
+    return json.loads(files(__package__).joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
 
 #: the exception a backward on a loss without grad_fn raises — the user's error.
 NO_GRAD_FN_ERROR = "RuntimeError: element 0 of tensors does not require grad and does not have a grad_fn"
@@ -225,8 +245,7 @@ class Report:
         """Only the findings, one per paragraph (used by ``assert_grad_flow``)."""
         lines = []
         for f in self.sorted_findings():
-            where = f" {f.file}:{f.line}" if f.file else ""
-            lines.append(f"{f.severity.upper()} [{f.cause}]{where}: {f.message}")
+            lines.append(f"{f.severity.upper()} [{f.cause}]{_where(f)}: {f.message}")
         if self.error is not None and not self.error.explained:
             lines.append(f"ERROR [could not run]: {self.error.one_line()}")
         return "\n".join(lines)
@@ -234,7 +253,9 @@ class Report:
     def to_text(self) -> str:
         """The human report (not meant for parsing)."""
         out: list[str] = []
-        out.append(f"Gradient-flow report: {self.model_name} — status: {self.status.upper()}")
+        n_warnings = sum(1 for f in self.findings if f.severity == WARNING)
+        noted = f" ({n_warnings} warning{'s' if n_warnings != 1 else ''} below)" if n_warnings else ""
+        out.append(f"Gradient-flow report: {self.model_name} — status: {self.status.upper()}{noted}")
         out.append("")
         out.append(self._loss_text())
         out.append("")
@@ -256,8 +277,7 @@ class Report:
             summary = ", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items() if n)
             out.append(f"Findings ({summary})")
             for f in self.sorted_findings():
-                where = f" {f.file}:{f.line}" if f.file else ""
-                out.append(f"  {f.severity.upper()} [{f.cause}]{where}")
+                out.append(f"  {f.severity.upper()} [{f.cause}]{_where(f)}")
                 out.append(f"    {f.message}")
         else:
             out.append("Findings: none — every trainable parameter gets a finite, non-zero gradient.")
@@ -291,8 +311,18 @@ class Report:
         return text
 
 
+def _where(finding: Finding) -> str:
+    """`` FILE:LINE``, `` FILE`` or nothing."""
+    if not finding.file:
+        return ""
+    return f" {finding.file}:{finding.line}" if finding.line is not None else f" {finding.file}"
+
+
 def merge_reports(reports: Sequence[Report]) -> Report:
     """Combine per-batch reports: findings deduplicated with the batches they occur in.
+
+    Batches are numbered from 1 (``batches[].index`` and a finding's ``extra["batches"]``),
+    as the progress lines and the text count them.
 
     The merged report keeps the first report's loss/params/paths, except that the
     loss, paths and modules of the first *failing* batch are shown when one fails
@@ -316,7 +346,7 @@ def merge_reports(reports: Sequence[Report]) -> Report:
         autograd_dot=failing.autograd_dot,
     )
     by_key: dict[tuple[Any, ...], Finding] = {}
-    for index, report in enumerate(reports):
+    for index, report in enumerate(reports, start=1):
         for finding in report.findings:
             key = finding.key()
             if key not in by_key:
@@ -353,6 +383,8 @@ __all__ = [
     "NO_GRAD_FN_ERROR",
     "Report",
     "RunError",
+    "SCHEMA_FILE",
     "SCHEMA_VERSION",
+    "load_schema",
     "merge_reports",
 ]

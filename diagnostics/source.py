@@ -17,6 +17,7 @@ frames, so it is testable on plain functions.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import sysconfig
 import types
@@ -24,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional, Sequence
 
-import torch
-
-from .syntax import UnparsableSourceError, decode_source, display_path, dotted_name, grad_disable_kind, import_aliases
+from .syntax import UnparsableSourceError, _is_literal, decode_source, display_path, dotted_name, grad_disable_kind, import_aliases
 
 FileKind = Literal["user", "library", "torch", "internal"]
 
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+# torch's folder without importing torch (find_spec reads the path only): `python -m
+# diagnostics.lint --help` must not pay seconds for an import it never uses.
+_TORCH_DIR = os.path.dirname(os.path.abspath(importlib.util.find_spec("torch").origin or "torch")) + os.sep
 _INTERNAL_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _STDLIB_DIRS = tuple(
     {
@@ -362,6 +363,152 @@ def scan_frame(frame: types.FrameType) -> Optional[GradDisableSite]:
     return scan_function(code.co_filename, code.co_name, code.co_firstlineno, frame.f_lineno)
 
 
+def _grad_switch(call: ast.Call) -> Optional[tuple[str, str]]:
+    """Classify a statement-level call as a grad switch: ``("off", kind)``, ``("restore", "")`` or ``None``.
+
+    Off: ``set_grad_enabled(False)`` (a literal: a variable is the usual way to restore
+    a saved mode), or ``__enter__()`` of ``no_grad()`` / ``inference_mode()`` /
+    ``set_grad_enabled(False)``. Restore: ``set_grad_enabled(<anything else>)``,
+    ``enable_grad().__enter__()``, or any ``__exit__(...)``.
+    """
+    name = dotted_name(call.func) or ""
+    tail = name.rsplit(".", 1)[-1]
+    if tail in ("set_grad_enabled", "_set_grad_enabled"):
+        mode = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "mode"), None)
+        return ("off", "set_grad_enabled") if _is_literal(mode, False) else ("restore", "")
+    if isinstance(call.func, ast.Attribute) and call.func.attr == "__exit__":
+        return ("restore", "")
+    if isinstance(call.func, ast.Attribute) and call.func.attr == "__enter__":
+        inner = call.func.value
+        kind = grad_disable_kind(inner) if isinstance(inner, ast.Call) else None
+        if kind is not None:
+            return ("off", kind)
+        if isinstance(inner, ast.Call) and (dotted_name(inner.func) or "").endswith("enable_grad"):
+            return ("restore", "")
+    return None
+
+
+def unrestored_grad_switches(filename: str) -> list[GradDisableSite]:
+    """Statements in ``filename`` that switch grad off and are not undone in the same function.
+
+    ``torch.set_grad_enabled(False)`` or ``torch.no_grad().__enter__()`` with no later
+    restore (``set_grad_enabled(True)`` / ``set_grad_enabled(saved)``, ``__exit__``) in
+    the same function body (or module body): the mode stays off for whatever the
+    caller runs next — an evaluation helper that leaves the training step without
+    autograd. ``with`` blocks and decorators always restore, so they never count.
+    """
+    tree = parse_file(filename)
+    if tree is None:
+        return []
+    found: list[GradDisableSite] = []
+    bodies: list[tuple[ast.AST, str]] = [(tree, "<module>")]
+    bodies += [
+        (node, node.name) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
+    for body, function in bodies:
+        switches: list[tuple[int, str, str, ast.Call]] = []
+        for node in _walk_own_body(body):
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+                hit = _grad_switch(node.value)
+                if hit is not None:
+                    switches.append((node.lineno, hit[0], hit[1], node.value))
+        switches.sort(key=lambda t: t[0])
+        for index, (line, what, kind, call) in enumerate(switches):
+            if what != "off" or any(w == "restore" for _, w, _, _ in switches[index + 1 :]):
+                continue
+            location = SourceLocation(filename, line, function, source_line(filename, line))
+            found.append(GradDisableSite(kind, "call", location, _render(call)))
+    return sorted(found, key=lambda site: site.location.line)
+
+
+def user_source_files(
+    classifier: "CodeClassifier", frames: Sequence[types.FrameType] = (), limit: int = 400
+) -> list[str]:
+    """The user's Python files: those of ``frames`` first (innermost first), then ``__main__``,
+    then every loaded module under the user's roots (import order)."""
+    import sys
+
+    files: list[str] = []
+    for frame in frames:
+        filename = frame.f_code.co_filename
+        if filename not in files and classifier.kind(filename) == "user":
+            files.append(filename)
+    main = sys.modules.get("__main__")
+    for module in ([main] if main is not None else []) + list(sys.modules.values()):
+        if len(files) >= limit:
+            break
+        filename = getattr(module, "__file__", None)
+        if isinstance(filename, str) and filename.endswith(".py") and filename not in files:
+            if classifier.kind(filename) == "user":
+                files.append(filename)
+    return files
+
+
+def find_calls(filename: str, names: Sequence[str], flag_keywords: Sequence[str] = ()) -> list[tuple[SourceLocation, ast.Call]]:
+    """Calls in ``filename`` to a function or method named one of ``names`` (any prefix), or
+    passing one of ``flag_keywords`` as literal ``True`` (``TrainingArguments(gradient_checkpointing=True)``)."""
+    tree = parse_file(filename)
+    if tree is None:
+        return []
+    out: list[tuple[SourceLocation, ast.Call]] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        tail = (dotted_name(node.func) or "").rsplit(".", 1)[-1]
+        flagged = any(k.arg in flag_keywords and _is_literal(k.value, True) for k in node.keywords)
+        if tail in names or flagged:
+            out.append((SourceLocation(filename, node.lineno, None, source_line(filename, node.lineno)), node))
+    return sorted(out, key=lambda t: t[0].line)
+
+
+def attribute_assignment(cls: type, attr: str) -> Optional[SourceLocation]:
+    """Where a class (or a base class) assigns ``self.<attr> = ...``, preferring ``__init__``.
+
+    Used to point at the statement that stores a module in a plain container
+    (``self.heads = [nn.Linear(...)]``) rather than at the call that later runs it.
+    """
+    import inspect
+
+    for klass in cls.__mro__:
+        if klass is object:
+            continue
+        try:
+            filename = inspect.getsourcefile(klass)
+            _, first = inspect.getsourcelines(klass)
+        except (OSError, TypeError):
+            continue
+        tree = parse_file(filename) if filename else None
+        if tree is None or filename is None:
+            continue
+        class_node = next(
+            (
+                n for n in ast.walk(tree)
+                if isinstance(n, ast.ClassDef) and n.name == klass.__name__
+                and (n.lineno == first or any(d.lineno == first for d in n.decorator_list))
+            ),
+            None,
+        )
+        if class_node is None:
+            continue
+        hits: list[tuple[bool, int]] = []
+        for func in class_node.body:
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(func):
+                targets: list[ast.AST] = []
+                if isinstance(node, ast.Assign):
+                    targets = list(node.targets)
+                elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+                    targets = [node.target]
+                for target in targets:
+                    if isinstance(target, ast.Attribute) and target.attr == attr and dotted_name(target.value) == "self":
+                        hits.append((func.name != "__init__", node.lineno))
+        if hits:
+            line = min(hits)[1]
+            return SourceLocation(filename, line, None, source_line(filename, line))
+    return None
+
+
 def is_installed_path(path: str) -> bool:
     """True for files under ``site-packages`` / ``dist-packages``."""
     return any(marker in os.path.abspath(path) for marker in _INSTALLED_MARKERS)
@@ -369,11 +516,13 @@ def is_installed_path(path: str) -> bool:
 
 __all__ = [
     "CodeClassifier",
+    "attribute_assignment",
     "FileKind",
     "GradDisableSite",
     "SourceLocation",
     "display_path",
     "dotted_name",
+    "find_calls",
     "find_function",
     "first_frame",
     "frame_location",
@@ -385,5 +534,7 @@ __all__ = [
     "scan_frame",
     "scan_function",
     "source_line",
+    "unrestored_grad_switches",
+    "user_source_files",
 ]
 

@@ -72,8 +72,12 @@ _CUT_OPS: dict[Any, str] = {
     _TENSOR.new_tensor: ".new_tensor(...) re-wrap",
 }
 _SET_GRAD = torch._C._set_grad_enabled
+# A fresh method-wrapper on every access: compare with ==, or look it up by hash (as below).
 _REQUIRES_GRAD_SET = _TENSOR.requires_grad.__set__  # type: ignore[attr-defined]
 _REQUIRES_GRAD_ = _TENSOR.requires_grad_
+_CUT, _SWITCH, _REQUIRES = 1, 2, 3
+_SPECIAL: dict[Any, int] = {**{f: _CUT for f in _CUT_OPS}, _SET_GRAD: _SWITCH, _REQUIRES_GRAD_: _REQUIRES, _REQUIRES_GRAD_SET: _REQUIRES}
+_grad_enabled = torch.is_grad_enabled
 
 _MAX_NODES_PER_CALL = 8
 _MAX_SOURCES_PER_EVENT = 8
@@ -250,28 +254,46 @@ class _OpWatch(TorchFunctionMode):
         self.trace = trace
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        # The hot path of the diagnosis: every torch op of the forward comes through here.
+        # One dict lookup sorts out the few ops of interest; the rest pay one grad-mode probe.
         if kwargs is None:
             kwargs = {}
         trace = self.trace
         if not trace.busy:
             try:
-                cut = func in _CUT_OPS
-            except TypeError:  # unhashable callables never are cut ops
-                cut = False
-            if cut:
+                special = _SPECIAL.get(func)
+            except TypeError:  # unhashable callables are never special
+                special = None
+            if special is None:
+                if not _grad_enabled():
+                    trace._on_nograd(func, args, kwargs)
+            elif special == _CUT:
                 trace._on_cut(func, args, kwargs)
-            elif func is _SET_GRAD:
+            elif special == _SWITCH:
                 trace._on_set_grad(args)
-            elif func is _REQUIRES_GRAD_ or func is _REQUIRES_GRAD_SET:
+            else:
                 trace._on_requires_grad(args, kwargs)
-            elif not torch.is_grad_enabled():
-                trace._on_nograd(func, args, kwargs)
         try:
             return func(*args, **kwargs)
         except Exception as exc:
             if not trace.busy:
                 trace._on_error(func, args, kwargs, exc)
             raise
+
+
+def _tracked(args: Any, kwargs: Any) -> list[torch.Tensor]:
+    """Tensors requiring grad among an op's arguments (and one level of lists/tuples)."""
+    found: list[torch.Tensor] = []
+    for group in (args, kwargs.values()):
+        for a in group:
+            if isinstance(a, _TENSOR):
+                if a.requires_grad:
+                    found.append(a)
+            elif isinstance(a, (list, tuple)):
+                for b in a:
+                    if isinstance(b, _TENSOR) and b.requires_grad:
+                        found.append(b)
+    return found
 
 
 class ForwardTrace:
@@ -307,7 +329,7 @@ class ForwardTrace:
             self.names.setdefault(id(module), name or "(root)")
         self._own_trainable: dict[int, tuple[int, ...]] = {}
         for module in model.modules():
-            own = tuple(id(p) for p in module.parameters(recurse=False) if p.requires_grad)
+            own = tuple(id(p) for p in module._parameters.values() if p is not None and p.requires_grad)
             if own:
                 self._own_trainable[id(module)] = own
         self.calls: list[ModuleCall] = []
@@ -326,25 +348,17 @@ class ForwardTrace:
         self._mode: Optional[_OpWatch] = None
         self._saved_ctx: Any = None
         self._warn_ctx: Any = None
-        self._param_ptrs: set[int] = set()
-        self._seen_ptrs: set[int] = set()
+        self._saved: list[tuple[int, torch.Tensor]] = []
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "ForwardTrace":
-        for module in self.model.modules():
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-            self._handles.append(
-                module.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True)
-            )
+        # Two global hooks see every module call, registered or not: cheaper than a pair per
+        # module. Global pre-hooks get no kwargs; the post-hook adds the kwargs inputs.
         self._handles.append(nn.modules.module.register_module_forward_pre_hook(self._global_pre))
         self._handles.append(
-            nn.modules.module.register_module_forward_hook(self._global_post, always_call=True)
+            nn.modules.module.register_module_forward_hook(self._global_post, with_kwargs=True, always_call=True)
         )
         if self.measure_saved:
-            for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-                ptr = _storage_ptr(tensor)
-                if ptr is not None:
-                    self._param_ptrs.add(ptr)
             self._saved_ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
             self._saved_ctx.__enter__()
         self._warn_ctx = warnings.catch_warnings(record=True)
@@ -366,45 +380,28 @@ class ForwardTrace:
             if self._saved_ctx is not None:
                 self._saved_ctx.__exit__(*exc_info)
                 self._saved_ctx = None
+                self._count_saved()
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
             self._stack.clear()
 
     # ------------------------------------------------------------------ hooks
-    def _pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        if self.busy:
-            return
-        self.busy = True
-        try:
-            self._enter(module, (args, kwargs), registered=True)
-        finally:
-            self.busy = False
-
-    def _post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if self.busy:
-            return
-        self.busy = True
-        try:
-            self._exit(module, output)
-        finally:
-            self.busy = False
-
     def _global_pre(self, module: nn.Module, args: Any) -> None:
-        if self.busy or id(module) in self.names:
+        if self.busy:
             return
         self.busy = True
         try:
-            self._enter(module, args, registered=False)
+            self._enter(module, args, registered=id(module) in self.names)
         finally:
             self.busy = False
 
-    def _global_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.busy or id(module) in self.names:
+    def _global_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if self.busy:
             return
         self.busy = True
         try:
-            self._exit(module, output)
+            self._exit(module, output, kwargs)
         finally:
             self.busy = False
 
@@ -431,24 +428,12 @@ class ForwardTrace:
             inference_mode=inference,
             trainable_param_ids=own,
         )
-        sources = []
-        ptrs = []
-        track_ptrs = id(module) in self.report_module_ids
-        for t in iter_tensors(inputs):
-            if t.requires_grad:
-                sources.append(t.grad_fn if t.grad_fn is not None else t)
-            if track_ptrs:
-                ptr = _storage_ptr(t)
-                if ptr is not None:
-                    ptrs.append(ptr)
+        self._add_inputs(call, inputs, id(module) in self.report_module_ids)
         if not registered:
             try:
                 call.module_ref = weakref.ref(module)
             except TypeError:
                 call.module_ref = None
-        call.input_sources = sources[:_MAX_NODES_PER_CALL]
-        call.inputs_tracked = bool(sources)
-        call.input_ptrs = frozenset(ptrs)
         self.calls.append(call)
         self._stack.append(call.index)
 
@@ -463,7 +448,7 @@ class ForwardTrace:
                 stop = parent_call.module_id if parent_call is not None else None
                 call.disable = self.locate_disable(frame, stop_module_id=stop, skip_module=module)
 
-    def _exit(self, module: nn.Module, output: Any) -> None:
+    def _exit(self, module: nn.Module, output: Any, kwargs: Any = None) -> None:
         index = None
         for pos in range(len(self._stack) - 1, -1, -1):
             if self.calls[self._stack[pos]].module_id == id(module):
@@ -473,6 +458,8 @@ class ForwardTrace:
         if index is None:
             return
         call = self.calls[index]
+        if kwargs:
+            self._add_inputs(call, kwargs, id(module) in self.report_module_ids)
         # With always_call=True the hook also runs when forward raised; output is None then.
         call.finished = output is not None
         tracked = False
@@ -505,42 +492,71 @@ class ForwardTrace:
                 info.site_kind = self.classifier.kind(site.location.file)
             call.inner_disable = info
 
+    def _add_inputs(self, call: ModuleCall, inputs: Any, track_ptrs: bool) -> None:
+        """Record the inputs of a call: grad_fn nodes (or leaves) of those requiring grad, storages."""
+        sources = call.input_sources
+        ptrs = set(call.input_ptrs)
+        for t in iter_tensors(inputs):
+            if t.requires_grad and len(sources) < _MAX_NODES_PER_CALL:
+                sources.append(t.grad_fn if t.grad_fn is not None else t)
+                call.inputs_tracked = True
+            elif t.requires_grad:
+                call.inputs_tracked = True
+            if track_ptrs:
+                ptr = _storage_ptr(t)
+                if ptr is not None:
+                    ptrs.add(ptr)
+        if track_ptrs:
+            call.input_ptrs = frozenset(ptrs)
+
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        was_busy = self.busy
-        self.busy = True
-        try:
+        # Called for every tensor autograd saves: only note it; bytes are counted once the
+        # forward is over (:meth:`_count_saved`), off the hot path.
+        if self._stack:
+            self._saved.append((self._stack[-1], tensor))
+        return tensor
+
+    def _count_saved(self) -> None:
+        """Attribute each saved storage, once, to the innermost call that saved it first."""
+        params = set()
+        for module in self.model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for tensor in tensors.values():
+                    ptr = _storage_ptr(tensor) if tensor is not None else None
+                    if ptr is not None:
+                        params.add(ptr)
+        seen: set[int] = set()
+        for index, tensor in self._saved:
             ptr = _storage_ptr(tensor)
-            if ptr is None or ptr in self._param_ptrs or ptr in self._seen_ptrs:
-                return tensor
-            self._seen_ptrs.add(ptr)
-            if self._stack:
-                try:
-                    nbytes = tensor.untyped_storage().nbytes()
-                except Exception:
-                    nbytes = tensor.numel() * tensor.element_size()
-                self.calls[self._stack[-1]].saved_bytes += nbytes
-            return tensor
-        finally:
-            self.busy = was_busy
+            if ptr is None or ptr in params or ptr in seen:
+                continue
+            seen.add(ptr)
+            try:
+                nbytes = tensor.untyped_storage().nbytes()
+            except Exception:
+                nbytes = tensor.numel() * tensor.element_size()
+            self.calls[index].saved_bytes += nbytes
+        self._saved = []
 
     # ------------------------------------------------------------------ op events
     def _on_cut(self, func: Any, args: Any, kwargs: Any) -> None:
+        tracked = _tracked(args, kwargs)
+        if not tracked:
+            return
         self.busy = True
         try:
-            tracked = [t for t in iter_tensors((args, kwargs), depth=2, limit=16) if t.requires_grad]
-            if tracked:
-                self._record("detached", _CUT_OPS[func], tracked, sys._getframe(2))
+            self._record("detached", _CUT_OPS[func], tracked[:16], sys._getframe(2))
         finally:
             self.busy = False
 
     def _on_nograd(self, func: Any, args: Any, kwargs: Any) -> None:
+        # Most ops under no_grad (a frozen encoder) touch nothing that requires grad.
+        tracked = _tracked(args, kwargs)
+        if not tracked:
+            return
         self.busy = True
         try:
-            if func is _REQUIRES_GRAD_SET or func is _REQUIRES_GRAD_:
-                return
-            tracked = [t for t in iter_tensors((args, kwargs), depth=2, limit=16) if t.requires_grad]
-            if tracked:
-                self._record("grad_disabled", op_name(func), tracked, sys._getframe(2))
+            self._record("grad_disabled", op_name(func), tracked[:16], sys._getframe(2))
         finally:
             self.busy = False
 

@@ -8,14 +8,18 @@ not enough. This callback does one thorough check and several cheap ones:
   training batch, before its forward, and stops when it reports an error (broken gradient flow:
   ``proj`` frozen, run under ``no_grad``, detached, ...). When the adapter took no part in that
   batch (no memory: a zero gradient proves nothing) it diagnoses the next one too, up to 3
-  batches. The model is left as it was (``.grad``, RNG state, hooks).
+  batches. The model is left as it was (``.grad``, RNG state, hooks). See "Under distributed
+  engines" below for how it avoids disturbing DDP, DeepSpeed and FSDP.
 * **every micro-batch** — the loss is finite, and has a ``grad_fn`` (otherwise ``backward``
   would raise the user's ``RuntimeError``: the callback diagnoses that batch and stops first);
   whether ``proj`` took part (``MEMOutput.memory_used``; batches without memory are counted).
 * **every optimizer step** — ``proj``'s accumulated gradient is finite, and non-zero whenever a
-  micro-batch used memory and had a non-zero loss. Its norm (before clipping; rank-local under
-  DDP) is logged as ``proj_grad_norm`` at every logging step, so it lands in
-  ``trainer_state.json``'s ``log_history`` and in the reporters (wandb).
+  micro-batch used memory and had a non-zero loss. Its norm is logged as ``proj_grad_norm`` at
+  every logging step, so it lands in ``trainer_state.json``'s ``log_history`` and in the
+  reporters (wandb). With :class:`~ocrmem.training.AdapterOnlyTrainer` it is read from the same
+  gradients as HF's ``grad_norm``, at the same moment (after DDP's all-reduce, before clipping),
+  so the two agree when ``proj`` is all that trains; with a plain ``Trainer`` it is the
+  rank-local norm before the all-reduce.
 * **plateau** — warns (:class:`LossPlateauWarning`) when the mean loss over a window of
   ``patience`` steps is not below the best earlier window's by ``min_delta`` and by twice its
   standard error (windows, because per-batch losses are noisy; the warning is rate-limited).
@@ -26,8 +30,26 @@ no-op step reaches the weights or a checkpoint. ``trainer.train()`` propagates t
 ``python -m ocrmem.train`` turns it into exit status 1. (Merely setting the flag would let the
 current step run its ``backward``, which is exactly what raises the cryptic error.)
 
+Under distributed engines. The first-batch diagnosis runs its own forward on the unwrapped
+model; how it gets gradients decides whether it disturbs the engine:
+
+* DDP and DeepSpeed ZeRO-1/2 reduce gradients from hooks that run when ``AccumulateGrad``
+  writes ``param.grad`` (DDP's reducer hooks on the grad accumulator; DeepSpeed registers
+  ``param.register_post_accumulate_grad_hook``). A ``loss.backward()`` fires them — under ZeRO-2
+  the real step then fails with "Gradient computed twice for this partition". So the diagnosis
+  uses ``diagnose(..., backward="autograd_grad")``: ``torch.autograd.grad(loss, params)``
+  returns the gradients without executing ``AccumulateGrad``, so ``.grad`` is never written and
+  no post-accumulate hook fires (tested in
+  ``tests/ocrmem/test_deepspeed.py``: on hooked parameters, and in a 2-rank ZeRO-2 run).
+* ZeRO-3 and FSDP shard the parameters and insert gather/reshard steps into the autograd
+  graph itself, which any backward (``autograd.grad`` included) would run on one rank only. There
+  the diagnosis is graph-only (``backward="none"``): it answers from the autograd graph (which
+  trainable parameters the loss reaches, and why not) without a backward, and it runs exactly
+  once per rank (no "try the next batch"), so every rank runs the same forwards and gathers.
+  Rank-local re-diagnoses (a loss without ``grad_fn``) are skipped there for the same reason.
+
 Under DeepSpeed the gradients live in DeepSpeed's buffers, not in ``param.grad``, so the
-gradient checks and ``proj_grad_norm`` are off there (the loss checks stay).
+per-step gradient checks and ``proj_grad_norm`` are off there (the loss checks stay).
 """
 
 from __future__ import annotations
@@ -75,6 +97,19 @@ def _loss_of(output: Any) -> torch.Tensor | None:
     if loss is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         loss = output[0]
     return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+
+
+def _sharded_engine(args: Any) -> bool:
+    """ZeRO-3 or FSDP: parameters are sharded and gathered by collectives inside forward/backward."""
+    if getattr(args, "fsdp", None):
+        return True
+    if getattr(args, "deepspeed", None):
+        try:
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+        except ImportError:
+            return False
+        return bool(is_deepspeed_zero3_enabled())
+    return False
 
 
 def _findings_text(report: Any) -> str:
@@ -146,6 +181,8 @@ class GradFlowCallback(TrainerCallback):
         self._diagnosis_tries = 0
         self._grad_checks = True
         self._check_grad_finite = True
+        self._sharded = False  # ZeRO-3 / FSDP: parameters gathered by collectives in forward
+        self._step_norm: float | None = None  # set by on_gradients_ready (AdapterOnlyTrainer)
         self._current_batch: Any = None
         self._step_losses: list[float] = []
         self._step_memory: list[bool] = []
@@ -166,6 +203,7 @@ class GradFlowCallback(TrainerCallback):
         self._model, self._control, self._global_step = model, control, state.global_step
         # DeepSpeed keeps gradients in its own partitioned buffers: param.grad says nothing there.
         self._grad_checks = not getattr(args, "deepspeed", None)
+        self._sharded = _sharded_engine(args)
         # fp16 loss scaling overflows on purpose now and then; the scaler skips those steps.
         self._check_grad_finite = not getattr(args, "fp16", False)
         watched = [(n, p) for n, p in model.named_parameters() if p.requires_grad and self._watched(n)]
@@ -182,10 +220,25 @@ class GradFlowCallback(TrainerCallback):
             for name, param in watched:
                 self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(name)))
 
+    def on_gradients_ready(self, state: Any = None) -> None:
+        """The step's gradients are final (after DDP's all-reduce, before clipping): read their norm.
+
+        :class:`~ocrmem.training.AdapterOnlyTrainer` calls this right before HF computes
+        ``grad_norm``, so ``proj_grad_norm`` is measured on the same tensors at the same moment.
+        """
+        if not self._grad_checks or self._model is None:
+            return
+        grads = [p.grad for n, p in self._model.named_parameters() if p.requires_grad and self._watched(n) and p.grad is not None]
+        if grads:
+            self._step_norm = math.sqrt(float(sum(g.detach().float().pow(2).sum() for g in grads)))
+        else:
+            self._step_norm = None
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._global_step = state.global_step
         if self._grad_checks and self._model is not None:
             self._check_step_gradient()
+        self._step_norm = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._global_step = state.global_step
@@ -266,7 +319,7 @@ class GradFlowCallback(TrainerCallback):
                 )
             self._stop("nan_loss", f"the training loss is {value} at step {step}; {hint}.", step)
         if not loss.requires_grad:
-            report = self._run_diagnosis(self._current_batch)
+            report = None if self._sharded else self._run_diagnosis(self._current_batch)
             detail = f"\n{_findings_text(report)}" if report is not None else ""
             self._stop(
                 "no_grad_fn",
@@ -295,7 +348,10 @@ class GradFlowCallback(TrainerCallback):
 
     def _check_step_gradient(self) -> None:
         step = self._global_step + 1
-        norm = math.sqrt(float(sum(self._grad_sq.values()))) if self._grad_sq else 0.0
+        if self._step_norm is not None:  # after the all-reduce: what HF's grad_norm sees
+            norm = self._step_norm
+        else:  # rank-local, from the accumulate hooks
+            norm = math.sqrt(float(sum(self._grad_sq.values()))) if self._grad_sq else 0.0
         self.last_grad_norm = norm
         if self._check_grad_finite and not math.isfinite(norm):
             self._stop(
@@ -307,7 +363,7 @@ class GradFlowCallback(TrainerCallback):
         supervised = any(m and loss != 0.0 for m, loss in zip(self._step_memory, self._step_losses))
         if supervised and norm == 0.0:
             batch = self._current_batch if self._step_memory and self._step_memory[-1] else None
-            report = self._run_diagnosis(batch) if batch is not None else None
+            report = self._run_diagnosis(batch) if batch is not None and not self._sharded else None
             detail = f"\n{_findings_text(report)}" if report is not None else ""
             what = "no gradient" if not self._grad_sq else "an exactly zero gradient"
             self._stop(
@@ -363,7 +419,8 @@ class GradFlowCallback(TrainerCallback):
                 report,
             )
         findings = getattr(report, "findings", [])
-        if any(f.cause == "unused_param" for f in findings) and self._diagnosis_tries < self.MAX_DIAGNOSIS_TRIES:
+        retry = not self._sharded  # a rank-local extra forward would gather out of step with the other ranks
+        if retry and any(f.cause == "unused_param" for f in findings) and self._diagnosis_tries < self.MAX_DIAGNOSIS_TRIES:
             # Typically a batch without memory: proj is on the graph with a zero gradient, which
             # proves little. Look at the next batch too (the per-step checks run meanwhile).
             self._diagnosis_tries += 1
@@ -388,12 +445,20 @@ class GradFlowCallback(TrainerCallback):
         self._busy = True
         try:
             with torch.random.fork_rng(devices=devices):  # the diagnosis must not shift the training RNG
-                return diagnose(self._model, batch, expect_trainable=list(self.expect_trainable))
+                return diagnose(
+                    self._model, batch, expect_trainable=list(self.expect_trainable), backward=self.diagnosis_backward
+                )
         except Exception as err:
             logger.warning("the diagnostics engine failed on this batch (%s: %s); continuing with the per-step checks.", type(err).__name__, err)
             return None
         finally:
             self._busy = False
+
+    @property
+    def diagnosis_backward(self) -> str:
+        """How the diagnosis gets gradients (see the module docstring): ``"autograd_grad"``, or
+        ``"none"`` (graph-only) under ZeRO-3 / FSDP."""
+        return "none" if self._sharded else "autograd_grad"
 
     def _stop(self, cause: str, message: str, step: int = 0, report: Any = None) -> None:
         if self._control is not None:

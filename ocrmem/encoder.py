@@ -24,6 +24,13 @@ Read-outs:
 - ``"tokens_plus_clip"`` is the user's third-party encoder package: SAM tokens plus the CLIP
   position table (no class token) go through ``pre_layrnorm`` and the CLIP transformer,
   and the result is ``tokens + clip(tokens)``. T = h * w, D = clip_width.
+
+Each read-out resamples CLIP's position table (for pages other than 1024 px) the way its
+reference does: deepseek_ocr in fp32 with antialias, tokens_plus_clip in the table's dtype
+without. Pixels: ``forward`` takes DeepSeek-OCR-normalised pages (mean = std = 0.5, what the
+renderer produces) for both read-outs; ``pixel_norm="clip"`` re-normalises them to CLIP's
+mean/std, as the user's package does to PIL images by default. Parity with the published code
+and the package is pinned by tests/ocrmem/test_encoder_golden.py.
 """
 
 from __future__ import annotations
@@ -32,11 +39,10 @@ import json
 import logging
 import math
 import os
-import tempfile
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -46,6 +52,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ocrmem.errors import CheckpointError, ConfigError
+from ocrmem.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -1238,19 +1245,6 @@ def load_deepencoder(
     return encoder.eval()
 
 
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same directory, then rename over ``target``."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_deepencoder(
     encoder: DeepEncoder, path: str | os.PathLike[str], extra_config: dict[str, Any] | None = None
 ) -> Path:
@@ -1310,8 +1304,8 @@ def save_deepencoder(
     config["ocrmem_encoder"] = encoder.spec.to_dict()
     config["ocrmem_pixel_norm"] = encoder.pixel_norm
 
-    _atomic_write(directory / _WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _atomic_write(directory / _CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(directory / _WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(directory / _CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 
 

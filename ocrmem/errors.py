@@ -46,6 +46,10 @@ class FreshProjectorWarning(UserWarning):
     """``from_pretrained(..., fresh_proj=True)``: ``proj`` starts from a fresh random init."""
 
 
+class PixelRangeWarning(UserWarning):
+    """``pixel_values`` look like 0..1 pixels rather than pages normalised to [-1, 1]."""
+
+
 class EmptyMemoryError(OcrMemError, RuntimeError):
     """A batch has no compressed history and ``empty_memory_policy`` is ``"error"``."""
 
@@ -70,5 +74,6 @@ __all__ = [
     "MissingGlyphWarning",
     "OcrMemError",
     "OutputDirLockedError",
+    "PixelRangeWarning",
     "RemoteCodeError",
 ]

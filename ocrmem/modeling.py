@@ -472,6 +472,18 @@ class MEMModel(PreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(mask, vision_embeds.reshape(-1, vision_embeds.shape[-1]))
         elif n_tokens:
             raise InputError(literal_memory_token_message(self.config.memory_token, mem_id, n_tokens))
+        zero_term = None
+        skip_loss = labels is not None and torch.is_grad_enabled() and self.config.empty_memory_policy != "error"
+        sharded = any(_is_sharded(p) for p in self.proj.parameters())
+        if not num_pages and (skip_loss or sharded):
+            # Before the LLM, where a batch with memory runs the encoder and proj: ZeRO-3 / FSDP
+            # gather parameters module by module, in the same order on every rank (in eval too).
+            zero_term = self._zero_memory_pass(inputs_embeds)
+            if sharded:
+                # ... and in backward: a batch with memory back-propagates through every LLM layer
+                # to reach proj (gathering each layer's weights again), so this one must too.
+                inputs_embeds = inputs_embeds + zero_term.to(inputs_embeds.dtype)
+                zero_term = None
 
         llm_out = self.base_llm(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -481,7 +493,7 @@ class MEMModel(PreTrainedModel):
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
             if not num_pages and torch.is_grad_enabled():
-                loss = self._empty_memory_loss(loss)
+                loss = self._empty_memory_loss(loss, zero_term)
         return MEMOutput(
             loss=loss,
             logits=logits,
@@ -491,7 +503,7 @@ class MEMModel(PreTrainedModel):
             memory_used=bool(num_pages),
         )
 
-    def _empty_memory_loss(self, loss: torch.Tensor) -> torch.Tensor:
+    def _empty_memory_loss(self, loss: torch.Tensor, zero_term: torch.Tensor | None) -> torch.Tensor:
         """No row had memory, so ``proj`` took no part: skip explicitly, or raise."""
         message = (
             "no row of this batch has compressed history (each row's history is at most "
@@ -508,10 +520,33 @@ class MEMModel(PreTrainedModel):
             EmptyMemoryWarning,
             stacklevel=3,
         )
-        # Zero-weighted term on every trainable parameter: backward works, every rank of a
-        # distributed run sees the same parameters used, and the gradient is exactly zero.
-        anchor = sum((p.reshape(-1)[0] * 0.0 for p in self.parameters() if p.requires_grad), loss.new_zeros(()))
-        return loss + anchor.to(loss.dtype)
+        return loss + zero_term.to(loss.dtype) if zero_term is not None else loss  # None: in the inputs already
+
+    def _zero_memory_pass(self, like: torch.Tensor) -> torch.Tensor:
+        """A zero-weighted pass through the memory modules, for a batch without memory.
+
+        Every rank of a distributed run must run the same modules every step: DDP expects every
+        trainable parameter in every rank's graph, and ZeRO-3 / FSDP gather a module's sharded
+        parameters when it runs (a rank that skipped ``proj`` would issue other collectives than
+        its peers: gloo "collective mismatch", NCCL a hang). So ``proj`` really runs, on zero
+        features — and the encoder too, on one blank page, when its parameters are sharded.
+        ``0 * output`` keeps the loss and makes every gradient exactly zero.
+        Trainable parameters outside these modules (``extra_trainable`` in the LLM) took part in
+        the loss already.
+        """
+        proj_param = next(self.proj.parameters())
+        encoder_params = list(self.ocr_embed.parameters())
+        if any(_is_sharded(p) for p in encoder_params):
+            page = torch.zeros(1, 3, self.page_size, self.page_size, device=like.device, dtype=_param_dtype(encoder_params, proj_param))
+            return self.embed_pages(page).float().sum() * 0.0  # (1, T, H) -> () exactly zero
+        features = torch.zeros(1, 1, self.ocr_embed.output_dim, device=proj_param.device, dtype=proj_param.dtype)
+        term = self.proj(features).float().sum() * 0.0  # (1, 1, H) -> ()
+        # A trainable, unsharded encoder need not run on a blank page: its parameters only have to
+        # be in the graph (DDP), which a zero-weighted element of each achieves.
+        for p in encoder_params:
+            if p.requires_grad and p.numel():
+                term = term + p.reshape(-1)[0].float() * 0.0
+        return term
 
     # ------------------------------------------------------------------ save / load
 
@@ -674,6 +709,16 @@ def format_parameter_report(counts: dict[str, tuple[int, int]]) -> str:
         else:
             lines.append(f"  {name} trainable params: {t:,}")
     return "\n".join(lines)
+
+
+def _is_sharded(param: torch.Tensor) -> bool:
+    """A parameter partitioned by DeepSpeed ZeRO-3 (``ds_id``) or FSDP (a ``DTensor`` / flat param)."""
+    return hasattr(param, "ds_id") or type(param).__name__ in ("DTensor", "FlatParameter") or hasattr(param, "_fsdp_flattened")
+
+
+def _param_dtype(params: list[torch.Tensor], fallback: torch.Tensor) -> torch.dtype:
+    floating = [p.dtype for p in params if p.is_floating_point()]
+    return floating[0] if floating else fallback.dtype
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -6,23 +6,29 @@ for the throughput and memory benchmarks (``benchmarks/gpu_suite.py``).
 
     python -m ocrmem.presets                              # the table with the user's settings
     python -m ocrmem.presets --vision-embedding-size 1024 # the configuration that builds
+    python -m ocrmem.presets --check                      # exit 1 when the configuration does not build
+
+torch, transformers and the model modules are imported inside the functions: ``--help`` and
+a bad argument answer before seconds of imports.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from . import compat
-from .configuration import MEMConfig
-from .encoder import DeepEncoder, DeepEncoderSpec
 from .errors import ConfigError
-from .modeling import format_parameter_report
-from .projector import projector_parameter_count
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .encoder import DeepEncoder
+
+EXIT_OK = 0  # the table is printed (with --check: and the configuration builds)
+EXIT_DOES_NOT_BUILD = 1  # only with --check: building this configuration fails (the reason is printed)
+EXIT_USAGE = 2  # bad arguments, or this transformers cannot build the preset (no Qwen3)
 
 # Qwen3-8B, from its public config.json: 8,190,735,360 parameters.
 QWEN3_8B = dict(
@@ -47,6 +53,10 @@ def build_seed_scale_llm(device: str | torch.device = "meta", dtype: torch.dtype
     Raises:
         ConfigError: transformers < 4.51 has no Qwen3 (Qwen2's biased attention would miscount).
     """
+    import torch
+
+    from . import compat
+
     if not compat.has_qwen3():
         raise ConfigError(
             f"the seed-scale preset needs Qwen3, which transformers {compat.TRANSFORMERS_VERSION} lacks; "
@@ -61,6 +71,10 @@ def build_seed_scale_llm(device: str | torch.device = "meta", dtype: torch.dtype
 
 def build_seed_scale_encoder(readout: str = "tokens_plus_clip", device: str | torch.device = "meta") -> DeepEncoder:
     """The full-size DeepEncoder (SAM ViT-B + compressor + CLIP-L)."""
+    import torch
+
+    from .encoder import DeepEncoder, DeepEncoderSpec
+
     with torch.device(device):
         return DeepEncoder(DeepEncoderSpec.full(), readout=readout)
 
@@ -74,6 +88,8 @@ def seed_scale_counts(
 
     Building would (rightly) fail for the user's 512 — the table is how they never noticed.
     """
+    from .projector import projector_parameter_count
+
     llm = build_seed_scale_llm()
     encoder = build_seed_scale_encoder(readout)
     proj = projector_parameter_count(projector_type, vision_embedding_size, QWEN3_8B["hidden_size"])
@@ -95,6 +111,9 @@ def build_seed_scale_model(
     Raises:
         ConfigError: ``vision_embedding_size`` differs from the encoder width (the user's 512).
     """
+    import torch
+
+    from .configuration import MEMConfig
     from .modeling import MEMModel
 
     config = MEMConfig(
@@ -117,6 +136,8 @@ def _rebuild_config_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     would make a benchmark run a different computation. Rebuilding such a module on the CPU
     costs microseconds (it has no parameters).
     """
+    import torch
+
     values: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         own = dict(module.named_buffers(recurse=False))
@@ -131,10 +152,9 @@ def _rebuild_config_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return values
 
 
-@torch.no_grad()
 def materialize_random(
     model: nn.Module,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cuda",
     std: float = 0.02,
     seed: int = 0,
@@ -154,7 +174,8 @@ def materialize_random(
     Args:
         model: A module whose parameters and buffers are all on the ``meta`` device, e.g.
             :func:`build_seed_scale_model` ``(vision_embedding_size=1024)``.
-        dtype: Dtype of every parameter and floating buffer (except recomputed ones).
+        dtype: Dtype of every parameter and floating buffer (except recomputed ones);
+            ``None`` means ``torch.bfloat16``.
         device: Where the weights are allocated.
         std: Standard deviation of the random weights.
         seed: Seeds the generator, so two calls give the same weights on the same device.
@@ -166,6 +187,16 @@ def materialize_random(
         ConfigError: A parameter or buffer is not on ``meta`` (its values would be lost), or a
             non-floating buffer cannot be recomputed.
     """
+    import torch
+
+    with torch.no_grad():
+        return _materialize(model, torch.bfloat16 if dtype is None else dtype, device, std, seed)
+
+
+def _materialize(model: nn.Module, dtype: torch.dtype, device: str | torch.device, std: float, seed: int) -> nn.Module:
+    """:func:`materialize_random`'s body (runs under ``no_grad``)."""
+    import torch
+
     not_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_meta]
     if not_meta:
         raise ConfigError(
@@ -199,29 +230,61 @@ def materialize_random(
     return model
 
 
+_EPILOG = """\
+exit status:
+  0  the table is printed; with --check, the configuration also builds
+  1  only with --check: building this configuration fails (the reason is printed: the
+     user's 512 is rejected by the 1024-d encoder); without --check that is reported, exit 0
+  2  bad arguments, or this transformers has no Qwen3 (needs transformers>=4.51)
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ocrmem.presets``; returns the exit status (see ``--help``)."""
     parser = argparse.ArgumentParser(
         prog="python -m ocrmem.presets",
         description="Parameter table of the seed-scale model (Qwen3-8B + full DeepEncoder + proj), built on "
         "the meta device: no memory, no download.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--vision-embedding-size", type=int, default=USER_VISION_EMBEDDING_SIZE,
         help="proj input width (default 512, the user's setting — which the 1024-d encoder rejects)",
     )
     parser.add_argument("--readout", choices=("tokens_plus_clip", "deepseek_ocr"), default="tokens_plus_clip")
-    args = parser.parse_args(argv)
-    print(format_parameter_report(seed_scale_counts(args.vision_embedding_size, args.readout)))
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when the configuration does not build (for CI); default: report it, exit 0")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
+        return int(exit_.code or 0)
+    if args.vision_embedding_size < 1:
+        print(f"{parser.prog}: error: --vision-embedding-size must be >= 1, got {args.vision_embedding_size} "
+              "(the encoder emits 1024)", file=sys.stderr)
+        return EXIT_USAGE
+    print("building the seed-scale model on the meta device ...", file=sys.stderr, flush=True)
+    from .modeling import format_parameter_report
+
+    try:
+        counts = seed_scale_counts(args.vision_embedding_size, args.readout)
+    except ConfigError as err:  # no Qwen3 in this transformers
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_parameter_report(counts))
     try:
         build_seed_scale_model(args.vision_embedding_size, args.readout)
     except ConfigError as err:
         print(f"\nbuilding this model fails: {err}")
-        return 1
+        return EXIT_DOES_NOT_BUILD if args.check else EXIT_OK
     print("\nthis configuration builds.")
-    return 0
+    return EXIT_OK
 
 
 __all__ = [
+    "EXIT_DOES_NOT_BUILD",
+    "EXIT_OK",
+    "EXIT_USAGE",
     "QWEN3_8B",
     "QWEN_IMAGE_PAD_ID",
     "USER_VISION_EMBEDDING_SIZE",

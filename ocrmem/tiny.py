@@ -20,13 +20,10 @@ import random
 import sys
 from pathlib import Path
 
-import torch
-
-from . import compat
-from .configuration import MEMConfig
-from .encoder import DeepEncoder, DeepEncoderSpec, save_deepencoder
-from .errors import OcrMemError
 from .fileio import default_file_mode
+
+# torch, transformers and the model modules are imported inside write_tiny (fileio is
+# torch-free): `python -m ocrmem.tiny --help` and a bad argument answer before seconds of imports.
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
 TINY_VOCAB = 1024  # byte-level BPE merges; the 4 specials come after (ids 1024..1027)
@@ -104,6 +101,11 @@ def write_tiny(
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
+    import torch
+
+    from . import compat
+    from .configuration import MEMConfig
+    from .encoder import DeepEncoder, DeepEncoderSpec, save_deepencoder
     from .modeling import MEMModel
     from .validation import output_dir
 
@@ -154,11 +156,18 @@ def _make_readable(files: list[Path]) -> None:
             file.chmod(mode)
 
 
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ocrmem.tiny DIR``; returns the exit status (0 written, 2 bad arguments or DIR)."""
     parser = argparse.ArgumentParser(
         prog="python -m ocrmem.tiny",
         description="Write the tiny OCR-memory preset (random weights, no network) into DIR.",
-        epilog="Then: MEMModel.from_pretrained(DIR), or python -m diagnostics.grad_flow DIR",
+        epilog="Then: MEMModel.from_pretrained(DIR), or python -m diagnostics.grad_flow DIR\n\n"
+        "exit status: 0 written; 2 bad arguments, or DIR cannot be written (one line on stderr says why).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("dir", help="output directory (DIR/llm, DIR/ocr and the MEMModel itself in DIR)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random weight (default 0)")
@@ -166,17 +175,33 @@ def main(argv: list[str] | None = None) -> int:
         "--readout", choices=("tokens_plus_clip", "deepseek_ocr"), default="tokens_plus_clip",
         help="encoder read-out: the user's package (tokens_plus_clip) or DeepSeek-OCR's own",
     )
-    args = parser.parse_args(argv)
     try:
-        root = write_tiny(args.dir, seed=args.seed, readout=args.readout)
-    except (OSError, OcrMemError) as err:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
+        return int(exit_.code or 0)
+    target = Path(args.dir)
+    blocker = next((p for p in (target, *target.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        print(f"{parser.prog}: error: `{blocker}` is a file, so DIR `{target}` cannot be created there; "
+              "give a new or existing directory", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"writing the tiny MEMModel to {target}/ ...", file=sys.stderr, flush=True)
+    from .errors import OcrMemError
+
+    try:
+        root = write_tiny(target, seed=args.seed, readout=args.readout)
+    except OSError as err:
+        print(f"{parser.prog}: error: cannot write `{target}`: {err.strerror or err}; "
+              "give a directory you can write to", file=sys.stderr)
+        return EXIT_USAGE
+    except OcrMemError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote tiny MEMModel to {root}/ (llm/, ocr/, config.json, {'model.safetensors'})")
-    return 0
+        return EXIT_USAGE
+    print(f"wrote tiny MEMModel to {root}/ (llm/, ocr/, config.json, model.safetensors)")
+    return EXIT_OK
 
 
-__all__ = ["SPECIAL_TOKENS", "TINY_LLM", "build_tiny_tokenizer", "main", "write_tiny"]
+__all__ = ["EXIT_OK", "EXIT_USAGE", "SPECIAL_TOKENS", "TINY_LLM", "build_tiny_tokenizer", "main", "write_tiny"]
 
 if __name__ == "__main__":
     sys.exit(main())

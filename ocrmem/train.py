@@ -40,11 +40,20 @@ CPU, NCCL on GPUs). Rows without compressed history give a zero-weighted loss on
 parameter, so DDP sees every parameter used on every rank (``ddp_find_unused_parameters=False``)
 even when one rank's batch has no history (``--empty-history-fraction`` makes that happen).
 
-DeepSpeed: ``--deepspeed ds_config.json`` is passed to ``TrainingArguments(deepspeed=...)``.
-It needs ``pip install deepspeed`` and CUDA GPUs, and is launched with ``deepspeed`` or
-``torchrun``; ``"auto"`` values in the config are filled from these arguments (batch size,
-gradient accumulation, learning rate). Under DeepSpeed the per-step gradient checks of
-GradFlowCallback are off (gradients live in DeepSpeed's buffers).
+DeepSpeed: ``--deepspeed CONFIG.json`` (e.g. ``examples/ds_zero2_bf16.json``, the user's ZeRO-2
+setup: per-device batch 2, accumulation 8, bf16 ``auto``) is passed to
+``TrainingArguments(deepspeed=...)`` and needs a launcher — ``torchrun --nproc_per_node N -m
+ocrmem.train ...`` or ``deepspeed --num_gpus N --module ocrmem.train ...``; without one it exits 2
+saying so. ``"auto"`` values are filled from these arguments. ZeRO-2 and ZeRO-3 work, on GPUs and
+on CPU (gloo; DeepSpeed's CPU shared-memory comm op is not compiled, see
+:func:`ocrmem.training.skip_deepspeed_shm_comm`); keep the torch optimizer
+(``"zero_force_ds_cpu_optimizer": false`` and no ``optimizer`` block) to avoid compiling
+DeepSpeed's CPU/fused Adam. Under DeepSpeed the per-step gradient checks of GradFlowCallback are
+off (gradients live in DeepSpeed's buffers); its first-batch diagnosis stays on, run so that it
+cannot disturb the engine (see :mod:`ocrmem.callbacks`).
+
+Multi-process runs end: every collective gives up after ``--ddp-timeout`` seconds, and the ranks
+meet at a bounded final barrier before the process group is destroyed.
 
 Resuming: ``--resume-from-checkpoint PATH|last`` reads every file of the checkpoint before anything
 trains. A corrupt file, or a checkpoint without ``optimizer.pt`` / ``scheduler.pt`` / ``rng_state.pth``
@@ -107,9 +116,9 @@ examples:
   python -m ocrmem.train --output-dir OUT --max-steps 300 \
       --resume-from-checkpoint OUT/checkpoint-100 --resume-partial
 
-  # DeepSpeed (needs `pip install deepspeed` and CUDA GPUs)
+  # DeepSpeed ZeRO-2, bf16, the user's 8-GPU setup (needs `pip install deepspeed`)
   torchrun --nproc_per_node 8 -m ocrmem.train --model-dir /models/mem --output-dir OUT \\
-      --deepspeed ds_zero2.json
+      --batch-size 2 --grad-accum 8 --learning-rate 2e-4 --deepspeed examples/ds_zero2_bf16.json
 
 exit status: 0 trained (or nothing left to train), 1 stopped by a gradient-flow/NaN finding,
   2 bad arguments or paths, a corrupt/incomplete checkpoint, a full disk, an output dir in use.
@@ -146,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     opt.add_argument("--seed", type=int, default=0, help="seeds data, proj init and training (default 0)")
     opt.add_argument("--activation-checkpointing", action="store_true", help="checkpoint the LLM's layers (non-reentrant) to save memory")
-    opt.add_argument("--deepspeed", metavar="CONFIG.json", help="DeepSpeed config passed to TrainingArguments (needs deepspeed + CUDA GPUs)")
+    opt.add_argument("--deepspeed", metavar="CONFIG.json", help="DeepSpeed config passed to TrainingArguments (needs deepspeed and a launcher: torchrun or deepspeed); e.g. examples/ds_zero2_bf16.json")
+    opt.add_argument("--ddp-timeout", type=int, default=1800, metavar="S",
+                     help="seconds any collective of a multi-process run waits for the other ranks before failing (default 1800)")
     precision = opt.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bf16 mixed precision through the Trainer (autocast; CPU or GPU)")
     precision.add_argument("--fp16", action="store_true", help="fp16 mixed precision through the Trainer (needs a CUDA GPU)")
@@ -184,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(opts: argparse.Namespace) -> None:
     """Raise :class:`UsageError` for anything wrong before any work starts."""
     positive = {"--max-steps": opts.max_steps, "--batch-size": opts.batch_size, "--grad-accum": opts.grad_accum,
-                "--num-examples": opts.num_examples, "--logging-steps": opts.logging_steps}
+                "--num-examples": opts.num_examples, "--logging-steps": opts.logging_steps,
+                "--ddp-timeout": opts.ddp_timeout}
     for flag, value in positive.items():
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}.")
@@ -237,7 +249,22 @@ def validate(opts: argparse.Namespace) -> None:
         except json.JSONDecodeError as err:
             raise UsageError(f"--deepspeed {config} is not valid JSON ({err}).") from err
         if importlib.util.find_spec("deepspeed") is None:
-            raise UsageError("--deepspeed needs DeepSpeed: pip install deepspeed (and CUDA GPUs).")
+            raise UsageError("--deepspeed needs DeepSpeed: pip install deepspeed.")
+        check_launcher(os.environ)
+
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def check_launcher(environ: Any) -> None:
+    """DeepSpeed without a launcher would try MPI discovery and die on a missing ``mpi4py``."""
+    missing = [name for name in LAUNCHER_ENV if name not in environ]
+    if missing:
+        raise UsageError(
+            f"--deepspeed needs a launcher ({', '.join(missing)} not set): run "
+            "`torchrun --nproc_per_node N -m ocrmem.train ... --deepspeed CONFIG` or "
+            "`deepspeed --num_gpus N --module ocrmem.train ... --deepspeed CONFIG` (N = processes; 1 is fine)."
+        )
 
 
 def check_writable(path: Path) -> None:
@@ -290,7 +317,13 @@ def training_arguments(opts: argparse.Namespace, output_dir: Path) -> Any:
         kwargs["use_cpu"] = True
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: DDP over gloo
             kwargs["ddp_backend"] = "gloo"
+    # Every collective of the process group (and the final barrier) gives up after this long
+    # instead of waiting for a peer that has gone (HF's default is 30 minutes).
+    kwargs["ddp_timeout"] = opts.ddp_timeout
     if opts.deepspeed is not None:
+        from .training import skip_deepspeed_shm_comm
+
+        skip_deepspeed_shm_comm()  # before TrainingArguments starts DeepSpeed's comm backend
         kwargs["deepspeed"] = str(Path(opts.deepspeed).resolve())
     return TrainingArguments(**kwargs)
 
@@ -474,8 +507,11 @@ def save_rank_weights(trainer: Any, model: Any, callback: Any, output_dir: Path)
     """``rank{R}.safetensors`` (this process's proj) and ``rank{R}.json`` (its batch stats)."""
     from safetensors.torch import save_file
 
+    from .training import gather_trainable_state_dict
+
     rank = trainer.args.process_index
-    save_file(model.trainable_state_dict(), str(output_dir / f"rank{rank}.safetensors"))
+    # Every rank calls the gather (a collective under ZeRO-3, where each holds a shard).
+    save_file(gather_trainable_state_dict(model), str(output_dir / f"rank{rank}.safetensors"))
     stats = {k: v for k, v in callback.stats.items()}
     stats["world_size"] = trainer.args.world_size
     (output_dir / f"rank{rank}.json").write_text(json.dumps(stats), encoding="utf-8")
@@ -517,6 +553,9 @@ def run(opts: argparse.Namespace) -> int:
 
 def run_locked(opts: argparse.Namespace, output_dir: Path, resume: str | None) -> int:
     """Build the model and trainer and train (the output dir is locked)."""
+    if int(os.environ.get("RANK", "0")) == 0:  # first output before the heavy imports (seconds)
+        print(f"python -m ocrmem.train: training into {output_dir}; importing torch and transformers ...",
+              file=sys.stderr, flush=True)
     try:
         args = training_arguments(opts, output_dir)
     except (ValueError, ImportError) as err:
@@ -526,18 +565,19 @@ def run_locked(opts: argparse.Namespace, output_dir: Path, resume: str | None) -
 
     from .callbacks import GradFlowCallback, RunStepsCallback
     from .data import MemoryCollator
-    from .training import AdapterOnlyTrainer
+    from .training import AdapterOnlyTrainer, without_zero3_init
 
     main_process = args.process_index == 0
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ocrmem").setLevel(logging.INFO if main_process else logging.WARNING)
-    with args.main_process_first(desc="writing the tiny preset"):
-        model_dir = ensure_model_dir(opts, output_dir)
-    set_seed(opts.seed)
-    try:
-        model = load_model(model_dir, font=opts.font)
-    except (FileNotFoundError, ValueError) as err:  # ConfigError / CheckpointError are ValueErrors
-        raise UsageError(f"cannot load the model from {model_dir}: {err}") from err
+    with without_zero3_init():  # see ocrmem.training.without_zero3_init
+        with args.main_process_first(desc="writing the tiny preset"):
+            model_dir = ensure_model_dir(opts, output_dir)
+        set_seed(opts.seed)
+        try:
+            model = load_model(model_dir, font=opts.font)
+        except (FileNotFoundError, ValueError) as err:  # ConfigError / CheckpointError are ValueErrors
+            raise UsageError(f"cannot load the model from {model_dir}: {err}") from err
     if main_process:
         print(model.parameter_report(), file=sys.stderr)
 
@@ -634,13 +674,35 @@ def format_eval(metrics: dict[str, float] | None) -> str:
     return line + "\n"
 
 
-def shutdown_distributed() -> None:
-    """Tear the process group down before exit: a gloo group left to the interpreter's exit can
-    abort the process ("terminate called without an active exception") after a good run."""
+SHUTDOWN_BARRIER_S = 120  # the ranks' last meeting; they all finished training by then
+
+
+def shutdown_distributed(timeout_s: float = SHUTDOWN_BARRIER_S) -> None:
+    """Meet the other ranks once more, with a bound, then tear the process group down.
+
+    A gloo group left to the interpreter's exit can abort the process ("terminate called without
+    an active exception"), and a rank that destroys its group while a peer still has work in
+    flight can leave that peer waiting in gloo for good. So every rank first passes a barrier
+    that gives up after ``timeout_s`` (``monitored_barrier`` on gloo names the missing rank),
+    and only then destroys the group; a rank whose peers never arrive logs that and exits
+    without waiting further.
+    """
+    import datetime
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
+        else:
+            dist.barrier()  # bounded by the group's timeout (--ddp-timeout)
+    except Exception as err:  # a peer died or hangs: do not wait for it in destroy either
+        logging.getLogger(__name__).error("final barrier failed (%s); exiting without waiting for the other ranks.", err)
+        return
+    dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,9 +26,12 @@ What it changes in :class:`transformers.Trainer`, and why:
   scheduler / RNG state through with a warning saying what restarts). A checkpoint already at or
   past ``max_steps`` trains and writes nothing (a warning says so).
 
-Not covered yet: under DeepSpeed, HF also writes DeepSpeed's own ``global_stepN/`` state, which
-holds the frozen weights too unless ``exclude_frozen_parameters`` is used (HF does that only for
-PEFT models); resuming there goes through DeepSpeed's loader, not :meth:`_load_from_checkpoint`.
+Under DeepSpeed: the adapter file is written from the trainable parameters only, gathered from
+their ZeRO-3 shards when partitioned (:meth:`AdapterOnlyTrainer.save_model`); HF also writes
+DeepSpeed's own ``global_stepN/`` state, which holds the frozen weights too (HF passes
+``exclude_frozen_parameters`` only for PEFT models), and resuming goes through DeepSpeed's
+loader, not :meth:`_load_from_checkpoint`. ``grad_norm`` is reported to callbacks before
+clipping (``on_gradients_ready``), so GradFlowCallback's ``proj_grad_norm`` agrees with it.
 
 Test hook: ``OCRMEM_TEST_PAUSE_IN_SAVE=SECONDS[:STEP]`` makes a checkpoint save (only the one of
 global step ``STEP`` when given) sleep ``SECONDS`` after the weights are written and before the
@@ -38,11 +41,13 @@ test can SIGKILL the process in the middle of a save deterministically. Never se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -122,6 +127,29 @@ class AdapterOnlyTrainer(Trainer):
         optimizer = super().create_optimizer(*args, **kwargs)
         check_optimizer_params(self.model, optimizer)
         return optimizer
+
+    # ------------------------------------------------------------------ gradients
+
+    def create_accelerator_and_postprocess(self, *args: Any, **kwargs: Any) -> Any:
+        """HF's accelerator, with ``clip_grad_norm_`` telling callbacks first that gradients are final.
+
+        Every supported transformers version computes ``grad_norm`` through
+        ``accelerator.clip_grad_norm_`` once per optimizer step, after DDP's all-reduce and
+        before clipping; callbacks with ``on_gradients_ready(state)`` (GradFlowCallback) read
+        their gradient norm there, so ``proj_grad_norm`` and ``grad_norm`` describe the same tensors.
+        """
+        result = super().create_accelerator_and_postprocess(*args, **kwargs)
+        clip = self.accelerator.clip_grad_norm_
+
+        def clip_grad_norm_(*c_args: Any, **c_kwargs: Any) -> Any:
+            for callback in self.callback_handler.callbacks if hasattr(self, "callback_handler") else ():
+                ready = getattr(callback, "on_gradients_ready", None)
+                if callable(ready):
+                    ready(self.state)
+            return clip(*c_args, **c_kwargs)
+
+        self.accelerator.clip_grad_norm_ = clip_grad_norm_
+        return result
 
     # ------------------------------------------------------------------ logging
 
@@ -237,6 +265,21 @@ class AdapterOnlyTrainer(Trainer):
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under DeepSpeed, gather only the trainable weights for the adapter file.
+
+        HF's DeepSpeed path builds the full state dict (the frozen 8B LLM too) on every save, and
+        under ZeRO-3 without ``stage3_gather_16bit_weights_on_model_save`` it writes no weights
+        at all. Here every rank takes part in gathering the trainable parameters
+        (``deepspeed.zero.GatheredParameters``, a collective under ZeRO-3; ZeRO-1/2 keep full
+        copies), and the main process writes them.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        if not (self.is_deepspeed_enabled and _is_adapter_model(model)):
+            super().save_model(output_dir, _internal_call=_internal_call)
+            return
+        self._save(output_dir, state_dict=gather_trainable_state_dict(model))
+
     def _get_output_dir(self, trial: Any) -> str:
         # While a checkpoint is being saved, HF writes `<run_dir>/checkpoint-N`: point it into the
         # staging dir, so the half-written checkpoint lives at `.checkpoint-N.partial/checkpoint-N`.
@@ -320,6 +363,69 @@ class AdapterOnlyTrainer(Trainer):
         super()._load_best_model()
 
 
+def gather_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters as full CPU tensors, on every rank.
+
+    Parameters partitioned by ZeRO-3 (``ds_id``) are gathered for the copy (every rank must call
+    this: it is a collective); others are copied as they are.
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    sharded = [p for _, p in trainable if hasattr(p, "ds_id")]
+    if not sharded:
+        return {n: p.detach().cpu().clone() for n, p in trainable}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+        return {n: p.detach().cpu().clone() for n, p in trainable}
+
+
+@contextlib.contextmanager
+def without_zero3_init() -> Iterator[None]:
+    """Build models inside this block as plain modules, even when ZeRO-3 is configured.
+
+    With a ZeRO-3 config, ``TrainingArguments`` makes every ``from_pretrained`` construct its
+    model under ``deepspeed.zero.Init`` (parameters partitioned at creation). MEMModel assembles
+    its LLM, its own encoder loader and ``proj`` itself, and only some of them would be
+    partitioned; the tiny preset is even written from inside. So the model is built whole here,
+    and ``deepspeed.initialize`` partitions every parameter when the Trainer starts — the same
+    end state, at the cost of one full copy per process while loading. transformers keeps the
+    active config in a module-level weak reference; it is cleared for the block and restored.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def skip_deepspeed_shm_comm() -> None:
+    """Keep DeepSpeed's CPU accelerator from JIT-compiling its shared-memory comm op.
+
+    On the CPU accelerator DeepSpeed builds ``deepspeed_shm_comm`` (minutes of C++ compilation on
+    first use) when its comm backend starts; the op only speeds up ``inference_all_reduce``
+    (AutoTP inference), never training. DeepSpeed has no switch for it, but it skips the build —
+    and uses gloo for everything — for an op that ``deepspeed.ops.__compatible_ops__`` marks
+    incompatible, which is what this does. No effect on CUDA (that accelerator has no such op).
+    """
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:
+        return
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def check_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Check that ``optimizer`` holds exactly the trainable parameters of ``model``.
 
@@ -327,7 +433,13 @@ def check_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optimi
         RuntimeError: it holds a frozen parameter, or misses a trainable one; the message names them.
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimizers
-    in_optimizer = {id(p) for group in inner.param_groups for p in group["params"]}
+    groups = getattr(inner, "param_groups", None)
+    if groups is None:
+        # accelerate's DummyOptim (a DeepSpeed config with an `optimizer` block: DeepSpeed builds
+        # the real one later) holds `params`: tensors or param-group dicts.
+        raw = list(getattr(inner, "params", None) or [])
+        groups = [g if isinstance(g, dict) else {"params": [g]} for g in raw]
+    in_optimizer = {id(p) for group in groups for p in group["params"]}
     params = {id(p): (n, p) for n, p in model.named_parameters()}
     frozen = [params[pid][0] if pid in params else "<not a parameter of the model>"
               for pid in in_optimizer if pid not in params or not params[pid][1].requires_grad]
@@ -345,6 +457,9 @@ __all__ = [
     "PAUSE_ENV",
     "PAUSE_MARKER",
     "check_optimizer_params",
+    "gather_trainable_state_dict",
     "publish_checkpoint",
     "remove_partial_checkpoints",
+    "skip_deepspeed_shm_comm",
+    "without_zero3_init",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from . import compat
-from .errors import CheckpointError, ConfigError, InputError, InputTypeError, RemoteCodeError
+from .errors import CheckpointError, ConfigError, InputError, InputTypeError, PixelRangeWarning, RemoteCodeError
 
 IGNORE_INDEX = -100
 # Pages are normalised to [-1, 1] (DeepSeek-OCR: mean = std = 0.5); CLIP's mean/std would give
@@ -157,6 +158,17 @@ def validate_inputs(
                 f"`pixel_values` range from {low:g} to {high:g}; pages must be normalised to [-1, 1] "
                 f"(these look like raw 0..255 pixels): use `pixel_values / 127.5 - 1`, or "
                 "PageRenderer.to_pixel_values(pages)."
+            )
+        if 0.0 <= low < 1.0 and high <= 1.0:
+            # Normalised, black ink is -1 (CLIP: -1.8) and white 1: a darkest pixel in [0, 1) is
+            # what 0..1 pixels (torchvision's ToTensor) give. Warned, not refused: a page of
+            # faint grey only would look the same.
+            warnings.warn(
+                f"`pixel_values` range from {low:g} to {high:g}: no pixel is darker than mid-grey, as with 0..1 "
+                "pixels (ToTensor) rather than pages normalised to [-1, 1] (black text is -1). If so, use "
+                "`pixel_values * 2 - 1`, or PageRenderer.to_pixel_values(pages).",
+                PixelRangeWarning,
+                stacklevel=3,
             )
 
 

@@ -1,7 +1,14 @@
 """``grad_disabled``: a trainable module (or a frozen carrier) ran with autograd off.
 
-Found three ways:
+Found four ways:
 
+* the caller's grad mode was already off when the forward was called (an evaluation
+  helper or callback left ``set_grad_enabled(False)`` / ``no_grad().__enter__()``
+  unrestored, or the step runs inside ``with torch.no_grad():``): :func:`observe_caller`
+  records the mode on entry and looks for the switch — enclosing blocks on the live
+  stack, the switch a :class:`~diagnostics.freeze.FreezeWatch` saw, then a static scan
+  of the user's loaded modules for unrestored switches. The engine runs the forward in
+  that mode (it never fixes it for the caller) and leaves the mode as it found it;
 * the forward raised on inference tensors (a module whose forward is
   ``@torch.inference_mode()``, its output fed to a trainable layer);
 * the blame step (:mod:`diagnostics.blame`) traced the parameters' calls to a
@@ -14,15 +21,20 @@ sits in a library, the user's call into that library goes in ``call_site``.
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any, Optional
 
 from ._base import ERROR, Finding, format_params, loc_fields, site_json
 
 if TYPE_CHECKING:
     from ..blame import Blame
-    from ..context import DiagnosisContext
-    from ..source import SourceLocation
+    from ..context import CallerGradMode, DiagnosisContext
+    from ..source import CodeClassifier, GradDisableSite, SourceLocation
     from ..trace import DisableInfo, ModuleCall
+
+#: ``Blame.reason`` of parameters cut because the caller's grad mode was off on entry.
+CALLER = "caller"
 
 NAME = "grad_disabled"
 ORDER = 10
@@ -40,8 +52,153 @@ def check(ctx: "DiagnosisContext") -> list[Finding]:
         findings.extend(_explain_forward_error(ctx))
     for blame in ctx.blames:
         if blame.cause == NAME:
-            findings.append(_blame_finding(ctx, blame))
+            findings.append(_caller_finding(ctx, blame) if blame.reason == CALLER else _blame_finding(ctx, blame))
     return findings
+
+
+# ---------------------------------------------------------------- the caller's mode
+
+
+def observe_caller(
+    classifier: "CodeClassifier", frame: Optional[types.FrameType], model: Any = None
+) -> "CallerGradMode":
+    """The grad mode on entry to the diagnosis and, when it is off, where it was switched off.
+
+    Args:
+        classifier: user vs library code.
+        frame: the frame that called the diagnosis (its callers are walked outward).
+        model: the model about to run. Unrestored switches in methods of ``nn.Module``
+            classes (its own and any loaded user module's) rank last: a switch in a
+            forward shows in the traced forward itself; the caller's mode is usually
+            left off by a plain helper or a callback.
+
+    Returns:
+        The mode, the user's entry frame, and the switch when one is found.
+    """
+    import torch
+
+    from ..context import CallerGradMode
+    from ..freeze import grad_left_off
+    from ..source import frame_location, iter_frames, scan_frame
+
+    caller = CallerGradMode(torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    user_frames = [f for f in iter_frames(frame) if classifier.kind(f.f_code.co_filename) == "user"]
+    if user_frames:
+        caller.entry = frame_location(user_frames[0])
+    if not caller.off:
+        return caller
+    wanted = ("inference_mode",) if caller.inference_mode else ("no_grad", "set_grad_enabled", "inference_mode")
+    # 1. an enclosing block (or an earlier unrestored switch) in a function on the stack.
+    for f in user_frames:
+        site = scan_frame(f)
+        if site is not None and site.kind in wanted:
+            _take(caller, site, "enclosing" if site.form in ("with", "decorator") else "stack")
+            return caller
+    # 2. the switch a FreezeWatch saw (the CLI watches the --factory / model loading).
+    watched = grad_left_off(model)
+    if watched is not None and not caller.inference_mode:
+        caller.site, caller.statement, caller.how = watched, watched.code, "watched"
+        return caller
+    # 3. unrestored switches anywhere in the user's loaded code.
+    found = [s for s in _unrestored_in_user_code(classifier, user_frames) if s.kind in wanted]
+    methods = _module_methods(model, classifier)
+    found.sort(key=lambda s: (s.location.file, s.location.function) in methods)  # stable: others first
+    if found:
+        _take(caller, found[0], "static")
+        caller.candidates = [s.location for s in found[1:4]]
+    return caller
+
+
+def _take(caller: "CallerGradMode", site: "GradDisableSite", how: str) -> None:
+    caller.site, caller.statement, caller.how = site.location, site.statement, how
+
+
+def _module_methods(model: Any, classifier: "CodeClassifier") -> set[tuple[str, Optional[str]]]:
+    """``(file, function name)`` of the methods of the model's classes and of the user's ``nn.Module`` classes."""
+    from torch import nn
+
+    classes: set[type] = {k for m in model.modules() for k in type(m).__mro__} if model is not None else set()
+    for module in list(sys.modules.values()):
+        filename = getattr(module, "__file__", None)
+        if not isinstance(filename, str) or classifier.kind(filename) != "user":
+            continue
+        try:
+            values = list(vars(module).values())
+        except TypeError:
+            continue
+        classes.update(v for v in values if isinstance(v, type) and issubclass(v, nn.Module))
+    out: set[tuple[str, Optional[str]]] = set()
+    for klass in classes:
+        for value in vars(klass).values():
+            code = getattr(getattr(value, "__func__", value), "__code__", None)
+            if code is not None:
+                out.add((code.co_filename, code.co_name))
+    return out
+
+
+def _unrestored_in_user_code(classifier: "CodeClassifier", user_frames: list[types.FrameType]) -> list["GradDisableSite"]:
+    """Unrestored switches in the files of the stack's user frames first, then other user modules."""
+    from ..source import unrestored_grad_switches, user_source_files
+
+    sites: list["GradDisableSite"] = []
+    for filename in user_source_files(classifier, user_frames):
+        sites.extend(unrestored_grad_switches(filename))
+    return sites
+
+
+def _caller_finding(ctx: "DiagnosisContext", blame: "Blame") -> Finding:
+    caller = ctx.caller
+    names = ctx.param_names(blame.pids)
+    verb = "gets" if len(names) == 1 else "get"
+    state = "inference mode was already on" if caller.inference_mode else "grad was already disabled"
+    probe = "torch.is_inference_mode_enabled() is True" if caller.inference_mode else "torch.is_grad_enabled() is False"
+    site = caller.site
+    if site is not None and caller.how == "enclosing":
+        why = (
+            f"`{caller.statement}` at {site.display()} encloses the call — run the training step "
+            "outside that block"
+        )
+    elif site is not None:
+        seen = {
+            "watched": " (seen while the model was built)",
+            "static": " (found by a static scan of your loaded code; if that code did not run, look for another switch)",
+        }.get(caller.how or "", "")
+        in_fn = f" in `{site.function}`" if site.function and site.function != "<module>" else ""
+        why = (
+            f"`{caller.statement or site.code}` at {site.display()}{in_fn} switched it off{seen} and nothing "
+            "switched it back on — restore the mode after that code (`torch.set_grad_enabled(True)`, or "
+            "scope it: `with torch.no_grad():` / `with torch.inference_mode():`) before the training step"
+        )
+        if caller.candidates:
+            why += "; other unrestored switches in your code: " + ", ".join(c.display() for c in caller.candidates)
+    else:
+        why = (
+            "no switch that did it was found in your code — look for a `torch.set_grad_enabled(False)` or "
+            "an `__enter__()` of no_grad/inference_mode that is never undone, and re-enable grad before "
+            "the training step"
+        )
+    location = site if site is not None else caller.entry
+    file, line = loc_fields(location)
+    entry = f" (called from {caller.entry.display()})" if caller.entry is not None and caller.entry != site else ""
+    return Finding(
+        ERROR,
+        NAME,
+        f"{format_params(names)} {verb} no gradient: {state} when the forward was called{entry} "
+        f"({probe} on entry), so the whole forward ran without autograd; {why}. The diagnosis ran the "
+        "forward in your mode, as the training step will, and left the mode as it found it.",
+        module=blame.module,
+        params=names,
+        file=file,
+        line=line,
+        extra={
+            "caller_grad_enabled": caller.grad_enabled,
+            "caller_inference_mode": caller.inference_mode,
+            "grad_off_site": site_json(site),
+            "found_by": caller.how,
+            "candidates": [site_json(c) for c in caller.candidates],
+            "entry": site_json(caller.entry),
+        },
+    )
 
 
 def describe_disable(info: "DisableInfo", module: str) -> tuple[str, str, Optional["SourceLocation"], dict[str, Any]]:
@@ -191,4 +348,4 @@ def _explain_forward_error(ctx: "DiagnosisContext") -> list[Finding]:
     ]
 
 
-__all__ = ["FIX", "MEANING", "NAME", "check", "describe_disable"]
+__all__ = ["CALLER", "FIX", "MEANING", "NAME", "check", "describe_disable", "observe_caller"]

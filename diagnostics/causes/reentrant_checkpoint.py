@@ -5,17 +5,26 @@
 requires grad the output has no ``grad_fn`` and the parameters inside get nothing.
 The trace recognises the checkpoint's frame while locating the grad-off transition
 (:class:`~diagnostics.trace.CheckpointInfo`); the blame step names it.
+
+When the ``checkpoint(...)`` call sits in a library (transformers' decoder layers), the
+user configured it elsewhere, long before the forward: the finding points at the
+user's ``gradient_checkpointing_enable(...)`` call (or a ``gradient_checkpointing=True``
+argument, e.g. to ``TrainingArguments``), found by scanning the user's loaded code,
+and keeps the library frame as context.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import ast
+import sys
+from typing import TYPE_CHECKING, Optional
 
 from ._base import ERROR, Finding, format_params, loc_fields, site_json
 
 if TYPE_CHECKING:
     from ..blame import Blame
     from ..context import DiagnosisContext
+    from ..source import SourceLocation
 
 NAME = "reentrant_checkpoint"
 ORDER = 20
@@ -39,9 +48,19 @@ def _finding(ctx: "DiagnosisContext", blame: "Blame") -> Finding:
     inner = blame.culprit or blame.owner_name
     where = checkpoint.call_site.display() if checkpoint.call_site else "an unknown place"
     user = ""
-    if checkpoint.user_call_site and checkpoint.call_site and checkpoint.user_call_site != checkpoint.call_site:
+    location = checkpoint.call_site
+    extra = {"checkpoint_call_site": site_json(checkpoint.call_site)}
+    in_library = checkpoint.call_site is not None and ctx.classifier.kind(checkpoint.call_site.file) != "user"
+    configured = _configuring_call(ctx) if in_library else None
+    if configured is not None:
+        location = configured
+        extra["configured_at"] = site_json(configured)
+        user = f" — set up by your `{configured.code}` at {configured.display()}"
+    elif checkpoint.user_call_site and checkpoint.call_site and checkpoint.user_call_site != checkpoint.call_site:
         user = f" (reached from your code at {checkpoint.user_call_site.display()})"
-    file, line = loc_fields(checkpoint.call_site)
+        if in_library:
+            location = checkpoint.user_call_site
+    file, line = loc_fields(location)
     return Finding(
         ERROR,
         NAME,
@@ -56,8 +75,35 @@ def _finding(ctx: "DiagnosisContext", blame: "Blame") -> Finding:
         params=names,
         file=file,
         line=line,
-        extra={"checkpoint_call_site": site_json(checkpoint.call_site)},
+        extra=extra,
     )
+
+
+def _configuring_call(ctx: "DiagnosisContext") -> Optional["SourceLocation"]:
+    """The user's ``gradient_checkpointing_enable(...)`` (or ``gradient_checkpointing=True``) call.
+
+    Calls that pass ``use_reentrant: False`` literally are skipped: they did not set up
+    this checkpoint.
+    """
+    from ..source import find_calls, iter_frames, user_source_files
+
+    frames = [f for f in iter_frames(sys._getframe(1)) if ctx.classifier.kind(f.f_code.co_filename) == "user"]
+    for filename in user_source_files(ctx.classifier, frames):
+        for location, call in find_calls(filename, ("gradient_checkpointing_enable",), ("gradient_checkpointing",)):
+            if not _non_reentrant(call):
+                return location
+    return None
+
+
+def _non_reentrant(call: ast.Call) -> bool:
+    for node in ast.walk(call):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and key.value == "use_reentrant":
+                    return isinstance(value, ast.Constant) and value.value is False
+        if isinstance(node, ast.keyword) and node.arg == "use_reentrant":
+            return isinstance(node.value, ast.Constant) and node.value.value is False
+    return False
 
 
 __all__ = ["FIX", "MEANING", "NAME", "check"]

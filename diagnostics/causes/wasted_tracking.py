@@ -37,19 +37,16 @@ def check(ctx: "DiagnosisContext") -> list[Finding]:
     calls = trace.calls if trace is not None else []
     if not calls:
         return []
-    modules = {id(m): m for m in ctx.model.modules()}
-    frozen_cache: dict[int, bool] = {}
+    # Modules with a trainable parameter somewhere below them: the owners and their ancestors.
+    live: set[str] = {"(root)"} if ctx.trainable else set()
+    for pid in ctx.trainable:
+        parts = ctx.owner[pid][0].split(".")
+        live.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
 
     def frozen(call: "ModuleCall") -> bool:
-        cached = frozen_cache.get(call.module_id)
-        if cached is None:
-            module = modules.get(call.module_id)
-            if module is None:  # unregistered: look at what the call recorded
-                cached = not call.trainable_param_ids
-            else:
-                cached = not any(p.requires_grad for p in module.parameters())
-            frozen_cache[call.module_id] = cached
-        return cached
+        if not call.registered:  # unregistered: look at what the call recorded
+            return not call.trainable_param_ids
+        return call.name not in live
 
     total_bytes = [c.saved_bytes for c in calls]
     for call in reversed(calls):

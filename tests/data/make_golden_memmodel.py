@@ -6,8 +6,8 @@ For the tiny preset (``ocrmem.tiny.write_tiny(dir, seed=0)``, default read-out) 
 batch (``synthetic_memory_examples(2, seed=0)``), on both paths, it stores what enters and
 leaves each stage of the numeric path: the pixels the encoder sees (row and column means per
 page), the encoder's features, the merged LLM input embeds (first 16 of 64 dims), the
-position ids and attention mask the LLM gets, a slice of the logits (every position, every
-32nd vocabulary entry) and the loss. Keys are ``{family}/{path}/{what}``, family = the tiny
+position ids and attention mask the LLM gets, a slice of the logits (every real position,
+every 32nd vocabulary entry; padding positions zeroed) and the loss. Keys are ``{family}/{path}/{what}``, family = the tiny
 LLM's model_type (qwen3 on transformers >= 4.51, qwen2 before), path = ``fast``
 (MemoryCollator batch) or ``seed`` (``model(input_ids, attention_mask, labels)``).
 
@@ -75,7 +75,10 @@ def capture(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     finally:
         for hook in hooks:
             hook.remove()
-    seen["logits"] = out.logits.detach().float()[..., ::LOGIT_STRIDE]  # (B, L, ceil(V / 32))
+    # Logits at left-padding positions mean nothing and differ between transformers versions
+    # (how a fully masked query row is handled): zeroed, so only real positions are compared.
+    real = out.attention_mask.detach().bool()[..., None]  # (B, L, 1)
+    seen["logits"] = (out.logits.detach().float()[..., ::LOGIT_STRIDE] * real).contiguous()  # (B, L, ceil(V / 32))
     seen["loss"] = out.loss.detach().float().reshape(1)
     seen["labels"] = out.labels.detach()
     return seen

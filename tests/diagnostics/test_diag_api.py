@@ -35,7 +35,7 @@ class TestAssertGradFlow:
 class TestJson:
     def test_schema(self) -> None:
         data = json.loads(json.dumps(diagnose(zoo.ProjUnderNoGrad(), zoo.make_batch(), ["proj"]).to_json()))
-        assert data["version"] == SCHEMA_VERSION == 1
+        assert data["version"] == SCHEMA_VERSION == 2  # 2: --data causes, 1-based batches
         assert data["status"] == "error"
         assert set(data["loss"]) >= {"requires_grad", "grad_fn", "value"}
         assert set(data["params"]) >= {"total", "trainable", "modules"}
@@ -58,5 +58,5 @@ class TestMerge:
         merged = merge_reports(reports)
         assert merged.status == "error"
         (finding,) = [f for f in merged.errors if f.cause == "unused_param"]
-        assert finding.extra["batches"] == [1]
+        assert finding.extra["batches"] == [2]  # 1-based: the second batch
         assert [b["status"] for b in merged.to_json()["batches"]] == ["ok", "error"]

@@ -36,7 +36,7 @@ class TestMainInProcess:
         assert main([f"--factory={FACTORIES}:proj_under_no_grad", "--json", "-", "--quiet"]) == EXIT_FINDINGS
         captured = capsys.readouterr()
         data = json.loads(captured.out)
-        assert data["version"] == 1 and data["status"] == "error"
+        assert data["version"] == 2 and data["status"] == "error"
         finding = data["findings"][0]
         assert finding["cause"] == "grad_disabled"
         assert finding["line"] == line_of(zoo.ProjUnderNoGrad.embed_history, "with torch.no_grad()")
@@ -56,7 +56,7 @@ class TestMainInProcess:
             ([f"--factory={FACTORIES}:not_a_dict"], "must return a dict"),
             (["--factory=nope.py:f"], "does not exist"),
             (["--factory=no_colon"], "FILE.py:FUNC"),
-            (["/does/not/exist"], "not a directory"),
+            (["/does/not/exist"], "does not exist"),
             ([f"--factory={FACTORIES}:shape_mismatch"], "could not run"),
         ],
     )
@@ -64,6 +64,38 @@ class TestMainInProcess:
         assert main([*argv, "--quiet"]) == EXIT_CANNOT_RUN
         err = capsys.readouterr().err.strip().splitlines()
         assert reason in err[-1]
+
+    @pytest.mark.parametrize(
+        "device, reason",
+        [
+            ("gpu9", "--device `gpu9` is not a device name"),
+            ("cuda:7", "--device `cuda:7` is not usable here"),
+            ("meta:x", "--device `meta:x` is not a device name"),
+        ],
+    )
+    def test_bad_device_exits_2_with_the_fix(self, device, reason, capsys) -> None:
+        assert main([f"--factory={FACTORIES}:healthy", "--device", device, "--quiet"]) == EXIT_CANNOT_RUN
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and reason in err[0] and "cpu" in err[0]
+
+    @pytest.mark.parametrize("option", ["--json", "--graph"])
+    def test_unwritable_output_path_exits_2_before_running(self, option, tmp_path, capsys) -> None:
+        blocker = tmp_path / "a_file"
+        blocker.write_text("x")
+        cases = [(blocker / "out.json", f"`{blocker}` is a file, not a folder", "give a path in a writable folder"),
+                 (blocker / "deeper" / "out.json", f"`{blocker}` is a file, not a folder", "writable folder"),
+                 (tmp_path, "is a directory", "give a file path such as")]
+        for target, reason, fix in cases:
+            # the factory would exit 1 (proj under no_grad): 2 proves the path was checked first
+            status = main([f"--factory={FACTORIES}:proj_under_no_grad", option, str(target), "--quiet"])
+            assert status == EXIT_CANNOT_RUN
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"{option} `{target}`" in err[0] and reason in err[0] and fix in err[0]
+
+    def test_writable_output_paths_are_created(self, tmp_path, capsys) -> None:
+        target = tmp_path / "new" / "deeper" / "r.json"
+        assert main([f"--factory={FACTORIES}:healthy", "--json", str(target), "--quiet"]) == EXIT_OK
+        assert json.loads(target.read_text())["status"] == "ok"
 
     def test_graph_writes_dot(self, tmp_path, capsys) -> None:
         target = tmp_path / "g.svg"
@@ -86,6 +118,16 @@ class TestSubprocess:
 
         help_text = build_parser().format_help()
         assert "exit status" in help_text and "reentrant_checkpoint" in help_text and "--factory" in help_text
+
+    def test_crashes_are_not_findings(self, tmp_path) -> None:
+        """A bad --device and an unwritable --json: exit 2, one line, no traceback."""
+        blocker = tmp_path / "a_file"
+        blocker.write_text("x")
+        for args in (["--device", "tpu:0"], ["--json", str(blocker / "r.json")]):
+            result = _cli(f"--factory={FACTORIES}:healthy", "--quiet", *args)
+            assert result.returncode == EXIT_CANNOT_RUN, result.stderr
+            assert "Traceback" not in result.stderr
+            assert len([line for line in result.stderr.splitlines() if line.startswith("grad_flow:")]) == 1
 
     def test_missing_dot_message(self, tmp_path) -> None:
         bin_dir = tmp_path / "bin"

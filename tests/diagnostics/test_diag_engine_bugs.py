@@ -108,7 +108,8 @@ class TestBugModels:
         assert {"not_trainable", "no_trainable_params"} <= causes
         finding = next(f for f in report.errors if f.extra.get("unregistered") and f.line)
         assert finding.module.startswith("projectors[0]")
-        assert finding.line == line_of(zoo.UnregisteredProj.embed_history, "self.projectors[0](feats)")
+        assert finding.line == line_of(zoo.UnregisteredProj.__init__, "self.projectors = [make_proj()]")
+        assert finding.extra["call_site"]["line"] == line_of(zoo.UnregisteredProj.embed_history, "self.projectors[0](feats)")
 
     def test_module_that_never_ran_is_unused_param(self) -> None:
         batch = zoo.make_batch()

@@ -40,4 +40,4 @@ class TestMemAdapter:
         code = main([str(tiny_dir), "--batches", "2", "--json", str(tmp_path / "r.json"), "--quiet"])
         assert code == 0, capsys.readouterr()
         data = json.loads((tmp_path / "r.json").read_text())
-        assert data["version"] == 1 and len(data["batches"]) == 2
+        assert data["version"] == 2 and len(data["batches"]) == 2

@@ -240,3 +240,13 @@ def test_invalid_pixel_norm_in_config_is_a_checkpoint_error(tiny_ckpt: Path, tmp
     ckpt = rewrite(tiny_ckpt, tmp_path / "badnorm", lambda t: t, bad)
     with pytest.raises(CheckpointError, match=r"`ocrmem_pixel_norm` in .*config\.json is invalid.*'imagenet'"):
         load_deepencoder(ckpt)
+
+
+def test_saved_encoder_files_read_like_any_other_file(tmp_path: Path) -> None:
+    """save_deepencoder writes with the mode open() gives (0644 under umask 022), not 0600 (issue 11)."""
+    from ocrmem.fileio import default_file_mode
+
+    saved = save_deepencoder(DeepEncoder(DeepEncoderSpec.tiny()), tmp_path / "enc")
+    for name in ("model.safetensors", "config.json"):
+        assert (saved / name).stat().st_mode & 0o777 == default_file_mode(), name
+    assert not list(saved.glob(".*.tmp"))  # no temp file left behind

@@ -211,7 +211,7 @@ class TestBadPaths:
         (tmp_path / "file").write_text("x")
         assert main([str(tmp_path / "file")]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "is a file, not a directory" in err
+        assert err.count("\n") == 1 and "is a file" in err and "give a new or existing directory" in err
 
 
 class TestFileModes:

@@ -7,12 +7,14 @@ became a row), a row longer than the LLM's positions, a config set wrong after c
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from ocrmem import MEMModel
 from ocrmem.data import build_sample_batch, format_turn
-from ocrmem.errors import ConfigError, InputError, InputTypeError
+from ocrmem.errors import ConfigError, InputError, InputTypeError, PixelRangeWarning
 from ocrmem.modeling import IGNORE_INDEX
 
 
@@ -58,6 +60,15 @@ class TestPixelValues:
         pixels = torch.zeros(batch["pixel_values"].shape[0], 3, size // 2, size // 2)
         with pytest.raises(InputError, match=rf"shape \(2, 3, {size // 2}, {size // 2}\).*page_size={size}"):
             _forward(model, batch, pixel_values=pixels)
+
+    def test_pages_in_0_to_1_warn(self, model, batch):
+        with pytest.warns(PixelRangeWarning, match=r"range from 0\.\d+ to 1: no pixel is darker.*`pixel_values \* 2 - 1`"):
+            _forward(model, batch, pixel_values=(batch["pixel_values"] + 1) / 2)
+
+    def test_normalised_pages_do_not_warn(self, model, batch):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _forward(model, batch)
 
     def test_clip_normalised_range_is_accepted(self, model, batch):
         # CLIP's mean/std map pixels to about [-1.79, 2.15]: a normalisation, not raw pixels.

@@ -5,7 +5,7 @@ import pytest
 from ocrmem import ConfigError
 from ocrmem.compat import has_qwen3
 from ocrmem.modeling import format_parameter_report
-from ocrmem.presets import build_seed_scale_model, main, seed_scale_counts
+from ocrmem.presets import EXIT_DOES_NOT_BUILD, EXIT_OK, EXIT_USAGE, build_seed_scale_model, main, seed_scale_counts
 
 USER_LINE = "trainable params: 18,882,560 || all params: 8,607,498,496 || trainable%: 0.2194%"
 
@@ -34,7 +34,34 @@ class TestSeedScale:
         assert counts["base_llm"] == (0, 8_190_735_360) and counts["ocr_embed"] == (0, 397_880_576)
         assert all(p.is_meta for p in model.base_llm.parameters())
 
-    def test_cli_prints_table_and_exits_1_for_the_users_settings(self, capsys):
-        assert main([]) == 1
+    def test_cli_prints_table_and_the_failure_but_exits_0_by_default(self, capsys):
+        assert main([]) == EXIT_OK
         out = capsys.readouterr().out
-        assert USER_LINE in out and "building this model fails" in out
+        assert USER_LINE in out and "building this model fails" in out and "emits 1024" in out
+
+    def test_cli_check_exits_1_only_when_the_configuration_does_not_build(self, capsys):
+        assert main(["--check"]) == EXIT_DOES_NOT_BUILD
+        assert "building this model fails" in capsys.readouterr().out
+        assert main(["--check", "--vision-embedding-size", "1024"]) == EXIT_OK
+        assert "this configuration builds." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, reason",
+    [
+        (["--vision-embedding-size", "0"], "--vision-embedding-size must be >= 1, got 0"),
+        (["--vision-embedding-size", "many"], "invalid int value: 'many'"),
+        (["--readout", "pixels"], "invalid choice: 'pixels'"),
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_one_line(argv, reason, capsys):
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert reason in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_cli_help_documents_the_exit_codes(capsys):
+    assert main(["--help"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "exit status:" in out and "--check" in out
+    assert all(f"  {code}  " in out for code in ("0", "1", "2"))
