@@ -279,20 +279,11 @@ class ChatCollator(MemoryCollator):
         self.tokens = ChatTokens(tokenizer, assistant_marker, context_threshold)
 
     @classmethod
-    def for_model(cls, model: Any) -> "ChatCollator":
-        """The collator matching a :class:`~ocrmem.modeling.MEMModel`."""
+    def _model_kwargs(cls, model: Any) -> dict[str, Any]:
+        """The base collator's arguments plus the seed path's history split settings."""
         config = model.config
-        return cls(
-            model._require_tokenizer("the collator"),
-            page_size=model.page_size,
-            tokens_per_page=model.tokens_per_page,
-            memory_token=config.memory_token,
-            max_pages=config.max_pages,
-            font_path=config.font_path,
-            font_size=config.font_size,
-            assistant_marker=config.assistant_marker,
-            context_threshold=config.context_threshold,
-        )
+        return {**super()._model_kwargs(model), "assistant_marker": config.assistant_marker,
+                "context_threshold": config.context_threshold}
 
     def row(self, sample: dict[str, Any]) -> tuple[list[int], list[int], torch.Tensor]:
         """One sample → ``(input_ids, labels, pages (p, 3, S, S))``."""

@@ -168,9 +168,13 @@ class MemoryCollator:
     @classmethod
     def for_model(cls, model: Any) -> "MemoryCollator":
         """The collator matching a :class:`~ocrmem.modeling.MEMModel`'s encoder, tokenizer and config."""
+        return cls(model._require_tokenizer("the collator"), **cls._model_kwargs(model))
+
+    @classmethod
+    def _model_kwargs(cls, model: Any) -> dict[str, Any]:
+        """The constructor arguments :meth:`for_model` takes from the model (subclasses add theirs)."""
         config = model.config
-        return cls(
-            model._require_tokenizer("the collator"),
+        return dict(
             page_size=model.page_size,
             tokens_per_page=model.tokens_per_page,
             memory_token=config.memory_token,
