@@ -18,7 +18,6 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 import zoo
 
 IMAGE_TOKEN = 63  # last id of the 64-token vocabulary
-PROJECTOR = "model.multi_modal_projector"
 
 
 def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
@@ -38,8 +37,14 @@ def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
     )
     model = LlavaForConditionalGeneration(config)
     model.requires_grad_(False)
-    model.model.multi_modal_projector.requires_grad_(True)
+    model.get_submodule(llava_projector_name(model)).requires_grad_(True)
     return model.train()
+
+
+def llava_projector_name(model: torch.nn.Module) -> str:
+    """Where LLaVA keeps its projector: ``model.multi_modal_projector`` on transformers 5,
+    ``multi_modal_projector`` at the top on 4.x."""
+    return next(name for name, _ in model.named_modules() if name.endswith("multi_modal_projector"))
 
 
 def llava_batch(batch_size: int = 2, text_len: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -80,4 +85,4 @@ def text_batch(batch_size: int = 2, length: int = 8) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-__all__ = ["IMAGE_TOKEN", "PROJECTOR", "llava_batch", "lora_llama", "lora_llama_base", "text_batch", "tiny_llava"]
+__all__ = ["IMAGE_TOKEN", "llava_batch", "llava_projector_name", "lora_llama", "lora_llama_base", "text_batch", "tiny_llava"]

@@ -40,7 +40,8 @@ def _mem(tiny_model, tiny_batch):
 
 
 def _llava(*_):
-    return hf_zoo.tiny_llava(), hf_zoo.llava_batch(), [hf_zoo.PROJECTOR]
+    llava = hf_zoo.tiny_llava()
+    return llava, hf_zoo.llava_batch(), [hf_zoo.llava_projector_name(llava)]
 
 
 FAMILIES = [_mem, _llava]

@@ -98,7 +98,9 @@ def projector_family(request, tiny_dir):
         model, batch = _mem_model(tiny_dir)
         # PEFT matches modules_to_save as name suffixes: `proj` would also match `q_proj`
         return model, batch, MEM_LLM_QV, None, "base_model.model.proj"
-    return hf_zoo.tiny_llava(), hf_zoo.llava_batch(), LANGUAGE_QV, "multi_modal_projector", "base_model.model.model.multi_modal_projector"
+    llava = hf_zoo.tiny_llava()
+    prefix = f"base_model.model.{hf_zoo.llava_projector_name(llava)}"
+    return llava, hf_zoo.llava_batch(), LANGUAGE_QV, "multi_modal_projector", prefix
 
 
 class TestFrozenByPeft:
