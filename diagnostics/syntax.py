@@ -126,7 +126,12 @@ def import_aliases(tree: ast.AST) -> dict[str, str]:
     gives ``{"ng": "torch.no_grad"}``; ``import torch.autograd.grad_mode as gm`` gives
     ``{"gm": "torch.autograd.grad_mode"}``. Imports inside functions count too (the
     scan is per file, not per scope: a name rebound to something else is rare enough).
+    The result is kept on ``tree`` (parsed trees are cached per file and mtime), so a training
+    loop that diagnoses every N steps walks each file once, not once per diagnosis.
     """
+    cached = getattr(tree, "_ocrmem_import_aliases", None)
+    if cached is not None:
+        return dict(cached)
     aliases: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -137,6 +142,7 @@ def import_aliases(tree: ast.AST) -> dict[str, str]:
             for alias in node.names:
                 if alias.name != "*":
                     aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    tree._ocrmem_import_aliases = dict(aliases)  # type: ignore[attr-defined]
     return aliases
 
 
