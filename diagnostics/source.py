@@ -229,7 +229,8 @@ def _render(node: ast.AST) -> str:
 
 def _walk_own_body(func: ast.AST) -> Iterator[ast.AST]:
     """Walk a function's body without descending into nested functions or classes."""
-    stack: list[ast.AST] = list(getattr(func, "body", []))
+    nested = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
+    stack: list[ast.AST] = [n for n in getattr(func, "body", []) if not isinstance(n, nested)]
     while stack:
         node = stack.pop()
         yield node

@@ -53,6 +53,7 @@ def frozen_expected(
     peft: bool = False,
     module_names: Sequence[str] = (),
     base_prefix: str = "",
+    guessed: bool = False,
 ) -> Finding:
     """Parameters under ``pattern`` (expected to train) have ``requires_grad=False``.
 
@@ -60,10 +61,17 @@ def frozen_expected(
     every parameter that is not an adapter or listed in ``modules_to_save``;
     ``module_names`` (of the wrapped base model, which sits at ``base_prefix`` in the
     PEFT model) decide whether a ``modules_to_save`` entry can name the module alone.
+    ``guessed``: ``site`` is the likeliest freezing statement of the user's code, not one
+    known to name these parameters (its target is computed at run time).
     """
     where = ""
     if site is not None:
         where = f"; frozen by `{site.code or 'requires_grad=False'}` at {site.display()}"
+        if guessed:
+            where = (
+                f"; most likely frozen by `{site.code or 'requires_grad=False'}` at {site.display()} "
+                "(a freezing statement of your code whose target is computed at run time)"
+            )
     module_name = pattern if not any(ch in pattern for ch in "*?[") else None
     unfreeze = (
         f"`model.{pattern}.requires_grad_(True)`"
@@ -71,7 +79,7 @@ def frozen_expected(
         else "`p.requires_grad_(True)` for the matching parameters"
     )
     fix = f"unfreeze them after the freezing code: {unfreeze}"
-    extra: dict[str, Any] = {"pattern": pattern}
+    extra: dict[str, Any] = {"pattern": pattern, "site_guessed": guessed}
     if peft:
         full = (frozen[0].rsplit(".", 1)[0] if module_name is None else pattern.rstrip("."))
         if base_prefix and full.startswith(base_prefix + "."):
