@@ -89,22 +89,28 @@ def _configuring_call(ctx: "DiagnosisContext") -> Optional["SourceLocation"]:
     """The user's ``gradient_checkpointing_enable(...)`` (or ``gradient_checkpointing=True``) call.
 
     Calls that pass ``use_reentrant: False`` literally are skipped: they did not set up
-    this checkpoint. A call passing ``use_reentrant: True`` literally beats one whose mode
-    is not written out (a variable, the library default), whatever file it sits in; among
-    equals, the files of the user's frames on the stack come first, then the loaded modules.
+    this checkpoint. The files of the user's frames on the stack come first (a call there,
+    literal ``True`` before a mode not written out); then the other loaded modules, where a
+    call passing ``use_reentrant: True`` literally beats one whose mode is a variable or the
+    library default (a helper such as ``enable_checkpointing(model, use_reentrant=flag)`` that
+    may never have run).
     """
     from ..source import find_calls, iter_frames, user_source_files
 
     frames = [f for f in iter_frames(sys._getframe(1)) if ctx.classifier.kind(f.f_code.co_filename) == "user"]
-    unsure: Optional["SourceLocation"] = None
+    on_stack = {f.f_code.co_filename for f in frames}
+    best: Optional[tuple[tuple[bool, bool], "SourceLocation"]] = None
     for filename in user_source_files(ctx.classifier, frames):
         for location, call in find_calls(filename, _ENABLE_CALLS, _ENABLE_FLAGS):
             mode = _reentrant_literal(call)
-            if mode is True:
+            if mode is False:
+                continue
+            rank = (filename not in on_stack, mode is not True)  # lower is better
+            if best is None or rank < best[0]:
+                best = (rank, location)
+            if rank == (False, False):
                 return location
-            if mode is None and unsure is None:
-                unsure = location
-    return unsure
+    return best[1] if best is not None else None
 
 
 def _reentrant_literal(call: ast.Call) -> Optional[bool]:
