@@ -263,7 +263,10 @@ def _freeze_sites(
     if missing:
         # A stock model frozen by the user's own functions: the statements of the files on the stack first.
         frames = [f for f in iter_frames(sys._getframe(1)) if ctx.classifier.kind(f.f_code.co_filename) == "user"]
-        sure, guessed = script_freeze_sites(missing, user_source_files(ctx.classifier, frames))
+        files = user_source_files(ctx.classifier, frames)
+        main = getattr(sys.modules.get("__main__"), "__file__", None)
+        near = [f for f in files if f == main or any(f == fr.f_code.co_filename for fr in frames)]
+        sure, guessed = script_freeze_sites(missing, near, [f for f in files if f not in near])
         sites.update(sure)
         missing = [n for n in missing if n not in sites]
     if missing and not_trainable.is_peft(ctx.model):

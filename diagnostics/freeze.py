@@ -356,30 +356,46 @@ def _covers(path: str, name: str) -> bool:
 
 
 def script_freeze_sites(
-    frozen_names: list[str], files: list[str]
+    frozen_names: list[str], near: list[str], loaded: list[str] = ()
 ) -> tuple[dict[str, SourceLocation], dict[str, SourceLocation]]:
     """Where the user's scripts froze each of ``frozen_names``: ``(sure, guessed)``.
 
-    ``sure``: a statement whose written path covers the name (the most specific one; the
-    earliest file of ``files`` among equals). ``guessed``: for names no path covers, the first
-    statement whose target is not written out (``model.get_submodule(name).requires_grad_(False)``),
-    else a whole-object freeze (``model.requires_grad_(False)``).
+    Args:
+        frozen_names: parameter names.
+        near: the files of the user's frames on the stack and ``__main__`` (the training
+            script and what it is running).
+        loaded: the user's other loaded modules.
+
+    ``sure``: a statement of ``near`` whose written path covers the name (the most specific
+    one; the earliest file among equals). ``guessed``, for the names left: a covering statement
+    of ``loaded`` (a helper module the script called; in a test session it may be another
+    test's), else the first statement of ``near`` whose target is not written out
+    (``model.get_submodule(name).requires_grad_(False)``), else a whole-object freeze of ``near``
+    (``model.requires_grad_(False)``).
     """
-    statements = [s for f in files for s in script_freezes(f)]
+    near_statements = [s for f in near for s in script_freezes(f)]
+    loaded_statements = [s for f in loaded for s in script_freezes(f)]
+    unresolved = next((loc for path, loc in near_statements if path is None), None)
+    blanket = next((loc for path, loc in near_statements if path == ""), None)
     sure: dict[str, SourceLocation] = {}
     guessed: dict[str, SourceLocation] = {}
-    unresolved = next((loc for path, loc in statements if path is None), None)
-    blanket = next((loc for path, loc in statements if path == ""), None)
     for name in frozen_names:
-        best: Optional[tuple[str, SourceLocation]] = None
-        for path, location in statements:
-            if path and _covers(path, name) and (best is None or len(path) > len(best[0])):
-                best = (path, location)
-        if best is not None:
-            sure[name] = best[1]
-        elif unresolved is not None or blanket is not None:
-            guessed[name] = unresolved or blanket  # type: ignore[assignment]
+        site = _most_specific(near_statements, name)
+        if site is not None:
+            sure[name] = site
+            continue
+        site = _most_specific(loaded_statements, name) or unresolved or blanket
+        if site is not None:
+            guessed[name] = site
     return sure, guessed
+
+
+def _most_specific(statements: list[tuple[Optional[str], SourceLocation]], name: str) -> Optional[SourceLocation]:
+    best: Optional[tuple[str, SourceLocation]] = None
+    for path, location in statements:
+        if path and _covers(path, name) and (best is None or len(path) > len(best[0])):
+            best = (path, location)
+    return best[1] if best is not None else None
 
 
 __all__ = ["FreezeWatch", "grad_left_off", "script_freeze_sites", "script_freezes", "static_freeze_sites"]
