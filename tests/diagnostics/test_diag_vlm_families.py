@@ -197,3 +197,40 @@ def test_diagnosis(family: hf_zoo.VlmFamily, case_name: str) -> None:
     assert case.params <= named, f"missing {case.params - named}:\n{report.to_text()}"
     for finding in report.errors:  # every error names a line of the user's code
         assert finding.line is not None and same_file(finding.file, test_diagnosis), report.to_text()
+
+
+def test_script_freezes_are_matched_by_the_path_they_write(tmp_path) -> None:
+    """The static scan behind ``adapter_frozen_after_setup``: written paths (through aliases,
+    loops and ``get_submodule("...")``) are sure; a target computed at run time is a guess."""
+    import textwrap
+
+    from diagnostics.freeze import script_freeze_sites, script_freezes
+
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent('''
+        def setup(model, name):
+            model.requires_grad_(False)
+            tower = model.model.vision_tower
+            for p in tower.parameters():
+                p.requires_grad = False
+            model.get_submodule("model.visual.merger").requires_grad_(False)
+            model.get_submodule(name).requires_grad_(False)
+    '''))
+    lines = script.read_text().splitlines()
+    at = {text.strip(): number for number, text in enumerate(lines, 1)}
+    assert [(path, loc.line) for path, loc in script_freezes(str(script))] == [
+        ("", at["model.requires_grad_(False)"]),
+        ("model.vision_tower", at["p.requires_grad = False"]),
+        ("model.visual.merger", at['model.get_submodule("model.visual.merger").requires_grad_(False)']),
+        (None, at["model.get_submodule(name).requires_grad_(False)"]),
+    ]
+    names = ["base_model.model.model.vision_tower.layers.0.weight", "model.visual.merger.mlp.0.bias",
+             "model.multi_modal_projector.linear_1.weight"]
+    sure, guessed = script_freeze_sites(names, [str(script)])
+    assert {n: s.line for n, s in sure.items()} == {
+        names[0]: at["p.requires_grad = False"],  # a wrapper's prefix in front of the written path
+        names[1]: at['model.get_submodule("model.visual.merger").requires_grad_(False)'],
+    }
+    assert {n: s.line for n, s in guessed.items()} == {names[2]: at["model.get_submodule(name).requires_grad_(False)"]}
+    sure, guessed = script_freeze_sites(names[2:], [], [str(script)])  # not a file of the stack: no guess
+    assert not sure and not guessed
