@@ -79,7 +79,7 @@ def frozen_expected(
         else "`p.requires_grad_(True)` for the matching parameters"
     )
     fix = f"unfreeze them after the freezing code: {unfreeze}"
-    extra: dict[str, Any] = {"pattern": pattern, "site_guessed": guessed}
+    extra: dict[str, Any] = {"pattern": pattern}
     if peft:
         full = (frozen[0].rsplit(".", 1)[0] if module_name is None else pattern.rstrip("."))
         if base_prefix and full.startswith(base_prefix + "."):
