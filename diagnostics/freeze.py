@@ -367,10 +367,10 @@ def script_freeze_sites(
         loaded: the user's other loaded modules.
 
     ``sure``: a statement of ``near`` whose written path covers the name (the most specific
-    one; the earliest file among equals). ``guessed``, for the names left: a covering statement
-    of ``loaded`` (a helper module the script called; in a test session it may be another
-    test's), else the first statement of ``near`` whose target is not written out
-    (``model.get_submodule(name).requires_grad_(False)``), else a whole-object freeze of ``near``
+    one; the earliest file among equals). ``guessed``, for the names left: the first statement
+    of ``near`` whose target is not written out (``model.get_submodule(name).requires_grad_(False)``),
+    else a statement of ``loaded`` whose path starts the name (a helper module the script called;
+    in a test session it may be another test's), else a whole-object freeze of ``near``
     (``model.requires_grad_(False)``).
     """
     near_statements = [s for f in near for s in script_freezes(f)]
@@ -384,16 +384,20 @@ def script_freeze_sites(
         if site is not None:
             sure[name] = site
             continue
-        site = _most_specific(loaded_statements, name) or unresolved or blanket
+        site = unresolved or _most_specific(loaded_statements, name, anchored=True) or blanket
         if site is not None:
             guessed[name] = site
     return sure, guessed
 
 
-def _most_specific(statements: list[tuple[Optional[str], SourceLocation]], name: str) -> Optional[SourceLocation]:
+def _most_specific(
+    statements: list[tuple[Optional[str], SourceLocation]], name: str, anchored: bool = False
+) -> Optional[SourceLocation]:
+    """The covering statement with the longest path; ``anchored``: the path must start the name."""
     best: Optional[tuple[str, SourceLocation]] = None
     for path, location in statements:
-        if path and _covers(path, name) and (best is None or len(path) > len(best[0])):
+        covers = name.startswith(path + ".") if anchored and path else _covers(path or "", name)
+        if path and covers and (best is None or len(path) > len(best[0])):
             best = (path, location)
     return best[1] if best is not None else None
 

@@ -62,7 +62,7 @@ def frozen_expected(
     ``module_names`` (of the wrapped base model, which sits at ``base_prefix`` in the
     PEFT model) decide whether a ``modules_to_save`` entry can name the module alone.
     ``guessed``: ``site`` is the likeliest freezing statement of the user's code, not one
-    known to name these parameters (its target is computed at run time).
+    known to name these parameters (a target computed at run time, another module's statement).
     """
     where = ""
     if site is not None:
@@ -70,7 +70,8 @@ def frozen_expected(
         if guessed:
             where = (
                 f"; most likely frozen by `{site.code or 'requires_grad=False'}` at {site.display()} "
-                "(a freezing statement of your code whose target is computed at run time)"
+                "(found by a static scan of your code: no statement of the files on the stack names these "
+                "parameters)"
             )
     module_name = pattern if not any(ch in pattern for ch in "*?[") else None
     unfreeze = (
