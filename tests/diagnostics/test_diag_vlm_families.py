@@ -131,8 +131,21 @@ def reentrant_checkpointing(family: hf_zoo.VlmFamily) -> Case:
     if getattr(model, "_require_grads_hook", None) is not None:
         model.disable_input_require_grads()  # frozen embeddings: nothing into the layer requires grad
     names = family.adapter_names(model) + [layer]
+    if not _checkpointed(model, layer):
+        # This transformers does not checkpoint that layer (4.46 checkpoints Qwen2-VL's decoder,
+        # not its vision blocks): then the set-up is healthy and must be reported so.
+        return Case(model, family.batch(model), names)
     return Case(model, family.batch(model), names, "reentrant_checkpoint",
                 line_of(reentrant_checkpointing, "model.gradient_checkpointing_enable("), _trainable(model, layer))
+
+
+def _checkpointed(model: nn.Module, layer: str) -> bool:
+    """Whether gradient checkpointing is on for ``layer`` or a module above it."""
+    parts = layer.split(".")
+    return any(
+        getattr(model.get_submodule(".".join(parts[:depth])), "gradient_checkpointing", False) is True
+        for depth in range(len(parts) + 1)
+    )
 
 
 def reentrant_adapter_only(family: hf_zoo.VlmFamily) -> Case:
