@@ -206,7 +206,7 @@ def pretrain_reader(
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / WARMUP_STEPS) * max(0.05, 1 - step / steps)
+        optimizer, lambda step: min(1.0, (step + 1) / WARMUP_STEPS) * max(0.05, 1 - step / max(steps, 1))
     )
     llm.train()
     losses = []

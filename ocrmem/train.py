@@ -1,6 +1,6 @@
 """Train the adapter (``proj``) of a MEMModel on your JSONL chats or the built-in synthetic memory task.
 
-    python -m ocrmem.train --output-dir runs/tiny --max-steps 200
+    python -m ocrmem.train --output-dir runs/tiny --max-steps 2000
     python -m ocrmem.train --output-dir runs/chats --train-data train.jsonl [--eval-data eval.jsonl]
 
 ``--train-data``: one chat per line, ``{"messages": [{"role", "content"}]}`` or ShareGPT's
@@ -15,8 +15,14 @@ precision through the Trainer (fp16 needs a CUDA GPU).
 
 Each example's fact ("My cat is called Luna.") lives only in the history, which is rendered to
 pages and read through the frozen OCR encoder; the question is in the recent text and the answer
-is trained on (:func:`ocrmem.data.synthetic_memory_examples`). Without ``--model-dir`` the tiny
-preset is written to ``OUTPUT_DIR/model_init`` first (random weights, a few MB, CPU-friendly).
+is trained on (:func:`ocrmem.data.synthetic_memory_examples`; ``--filler-turns`` unrelated turns
+around the fact, default 0). Without ``--model-dir`` the tiny preset is written to
+``OUTPUT_DIR/model_init`` first (random weights, a few MB, CPU-friendly), its LLM pre-trained for
+``--reader-pretrain-steps`` steps to read memory slots (:mod:`ocrmem.reader_pretraining`): a
+random frozen LLM gives ``proj`` nothing to steer. The defaults (2,000 steps of 8 rows, lr 3e-3)
+are the tiny run's: its ``eval_memory_gain`` rises from ~0 to +0.5-1.8 nats over seeds 0-2,
+after a plateau of a few hundred steps (``benchmarks/memgain/README.md``). An existing
+``OUTPUT_DIR/model_init`` is reused as it is.
 
 What ``OUTPUT_DIR`` holds afterwards:
 
@@ -94,8 +100,8 @@ EXIT_USAGE = 2
 
 EPILOG = """\
 examples:
-  # tiny preset, CPU, about a minute; then look at OUT/loss_curve.png
-  python -m ocrmem.train --output-dir OUT --max-steps 300
+  # tiny preset, CPU, 1-2 minutes (OMP_NUM_THREADS=1 on a busy machine); eval_memory_gain > 0 at the end
+  python -m ocrmem.train --output-dir OUT --max-steps 2000
 
   # your chats (OpenAI/Qwen `messages` or ShareGPT `conversations`), evaluated every 100 steps, bf16
   python -m ocrmem.train --output-dir OUT --train-data examples/chats.jsonl examples/chats_sharegpt.jsonl \
@@ -158,9 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="resume even from a checkpoint without optimizer.pt/scheduler.pt/rng_state.pth, restarting those (a warning says which)")
 
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--max-steps", type=int, default=200, help="optimizer steps (default 200)")
-    opt.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate, linear decay (default 1e-3; the user's 8B run used 2e-4)")
-    opt.add_argument("--batch-size", type=int, default=2, help="rows per device and micro-batch (default 2)")
+    opt.add_argument("--max-steps", type=int, default=2000,
+                     help="optimizer steps (default 2000: the tiny run's memory gain appears after ~500-1000 steps)")
+    opt.add_argument("--learning-rate", type=float, default=3e-3,
+                     help="peak learning rate, linear decay (default 3e-3, the tiny run's; the user's 8B run used 2e-4)")
+    opt.add_argument("--batch-size", type=int, default=8, help="rows per device and micro-batch (default 8)")
     opt.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     opt.add_argument("--seed", type=int, default=0, help="seeds data, proj init and training (default 0)")
     opt.add_argument("--activation-checkpointing", action="store_true", help="checkpoint the LLM's layers (non-reentrant) to save memory")
