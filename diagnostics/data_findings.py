@@ -58,6 +58,8 @@ class DataScan:
         batches_asked / batches_built: ``--batches`` and how many the rows filled.
         batch_size: ``--batch-size``.
         seed_path: the model split history itself (``--seed-path``).
+        chats: the file holds chats: a "row" is one sample per assistant turn, its history split
+            off by ``context_threshold`` (as ``ocrmem.train --train-data`` does).
         context_threshold / max_pages / font_path: the model's settings that decided.
     """
 
@@ -68,9 +70,15 @@ class DataScan:
     batches_built: int = 1
     batch_size: int = 1
     seed_path: bool = False
+    chats: bool = False
     context_threshold: Optional[int] = None
     max_pages: Optional[int] = None
     font_path: Optional[str] = None
+
+    @property
+    def unit(self) -> str:
+        """What the messages count: ``rows``, or ``samples`` (assistant turns) of chats."""
+        return "samples" if self.chats else "rows"
 
 
 def format_lines(lines: list[int], limit: int = 12) -> str:
@@ -80,7 +88,8 @@ def format_lines(lines: list[int], limit: int = 12) -> str:
 
 
 def lines_phrase(lines: list[int]) -> str:
-    """``JSONL line 3`` / ``JSONL lines 1, 4, 5``."""
+    """``JSONL line 3`` / ``JSONL lines 1, 4, 5`` (each line once: a chat's samples share its line)."""
+    lines = list(dict.fromkeys(lines))
     return f"JSONL line {lines[0]}" if len(lines) == 1 else f"JSONL lines {format_lines(lines)}"
 
 

@@ -35,12 +35,12 @@ from .causes.grad_disabled import observe_caller
 from .causes.nan_loss import scalar
 from .context import DiagnosisContext, named_batch_tensors
 from .errors import LossNotFoundError
-from .freeze import static_freeze_sites
+from .freeze import script_freeze_sites, static_freeze_sites
 from .graph import walk_graph
 from .module_view import module_states
 from .params import check_expectations, matches, parameter_table, report_level_modules
 from .report import LossInfo, Report, RunError
-from .source import CodeClassifier, SourceLocation, display_path
+from .source import CodeClassifier, SourceLocation, display_path, iter_frames, user_source_files
 from .trace import ForwardTrace
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -149,9 +149,8 @@ def diagnose(
 
     # 1. parameters and expectations
     table = parameter_table(model, expect_trainable)
-    findings: list[Finding] = check_expectations(
-        model, expect_trainable, _freeze_sites(ctx, expect_trainable, freeze_sites)
-    )
+    sites, guessed = _freeze_sites(ctx, expect_trainable, freeze_sites)
+    findings: list[Finding] = check_expectations(model, expect_trainable, sites, guessed)
 
     # 2. the forward, traced
     trace = ForwardTrace(
@@ -243,23 +242,40 @@ def _freeze_sites(
     ctx: DiagnosisContext,
     expect_trainable: Optional[Sequence[str]],
     given: Optional[dict[str, SourceLocation]],
-) -> dict[str, SourceLocation]:
-    """Where each frozen-but-expected parameter was frozen: ``given`` first, else a static scan."""
+) -> tuple[dict[str, SourceLocation], dict[str, SourceLocation]]:
+    """Where each frozen-but-expected parameter was frozen, ``(sites, guessed)``.
+
+    In order: ``given`` (a FreezeWatch), a static scan of the model's own classes, a
+    statement of the user's scripts whose written path covers the parameter, PEFT's
+    ``get_peft_model(...)`` call; ``guessed`` (the message says so): for the rest, a freezing
+    statement of the user's scripts whose target is not written out, or a whole-model freeze.
+    """
     sites = dict(given or {})
     frozen_expected = [
         name for pid, name in ctx.names.items()
         if pid not in ctx.trainable and any(matches(name, e) for e in expect_trainable or ())
     ]
     missing = [n for n in frozen_expected if n not in sites]
+    guessed: dict[str, SourceLocation] = {}
     if missing:
         sites.update(static_freeze_sites(ctx.model, missing, ctx.classifier))
-    missing = [n for n in missing if n not in sites]
+        missing = [n for n in missing if n not in sites]
+    if missing:
+        # A stock model frozen by the user's own functions: the statements of the files on the stack first.
+        frames = [f for f in iter_frames(sys._getframe(1)) if ctx.classifier.kind(f.f_code.co_filename) == "user"]
+        files = user_source_files(ctx.classifier, frames)
+        main = getattr(sys.modules.get("__main__"), "__file__", None)
+        near = [f for f in files if f == main or any(f == fr.f_code.co_filename for fr in frames)]
+        sure, guessed = script_freeze_sites(missing, near, [f for f in files if f not in near])
+        sites.update(sure)
+        missing = [n for n in missing if n not in sites]
     if missing and not_trainable.is_peft(ctx.model):
         # Frozen by the library: the user's statement is the get_peft_model(...) call.
         site = not_trainable.peft_freeze_site(ctx.classifier)
         if site is not None:
             sites.update({n: site for n in missing})
-    return sites
+    guessed = {n: loc for n, loc in guessed.items() if n not in sites}
+    return sites, guessed
 
 
 def _run_backward(ctx: DiagnosisContext) -> None:

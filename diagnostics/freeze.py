@@ -9,6 +9,11 @@
   model's own classes for freezing statements and match them to parameter names by
   the object they freeze (``self.parameters()`` covers everything in that module,
   ``self.proj.requires_grad_(False)`` covers ``proj``).
+* :func:`script_freeze_sites` — for a stock model (no class of the user's) frozen by the
+  user's own functions or script: the freezing statements of the user's files, matched by
+  the attribute path they write (``model.model.visual.merger.requires_grad_(False)`` covers
+  ``model.visual.merger``; a path spelled from a wrapper or an alias property matches as a
+  dotted suffix).
 """
 
 from __future__ import annotations
@@ -253,4 +258,148 @@ def static_freeze_sites(
     return out
 
 
-__all__ = ["FreezeWatch", "grad_left_off", "static_freeze_sites"]
+# ---------------------------------------------------------------- the user's scripts
+
+#: filename -> (mtime, [(path or None, location)]): the freezing statements of one file version.
+_SCRIPT_FREEZES: dict[str, tuple[float, list[tuple[Optional[str], SourceLocation]]]] = {}
+
+
+def _object_path(expr: ast.AST, bindings: dict[str, ast.AST], depth: int = 0) -> Optional[str]:
+    """The module path an expression names below the variable it starts from (``""``: the
+    variable itself), or ``None`` when it is not written out (``get_submodule(name)``, ``x[i]``).
+
+    ``bindings`` maps the function's loop variables to what they iterate and its plain
+    ``alias = model.x.y`` assignments to their value, so ``for p in tower.parameters():`` after
+    ``tower = model.vision_tower`` gives ``vision_tower``.
+    """
+    if depth > 8:
+        return None
+    if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute):
+        attr = expr.func.attr
+        if attr in ("parameters", "named_parameters", "modules", "children", "named_modules"):
+            return _object_path(expr.func.value, bindings, depth + 1)
+        if attr in ("get_submodule", "get_parameter") and expr.args and isinstance(expr.args[0], ast.Constant):
+            base = _object_path(expr.func.value, bindings, depth + 1)
+            target = expr.args[0].value
+            if base is None or not isinstance(target, str):
+                return None
+            return ".".join(p for p in (base, target) if p)
+        return None
+    if isinstance(expr, ast.Attribute):
+        base = _object_path(expr.value, bindings, depth + 1)
+        return None if base is None else ".".join(p for p in (base, expr.attr) if p)
+    if isinstance(expr, ast.Name):
+        bound = bindings.get(expr.id)
+        if bound is None:
+            return ""  # a root: the model (or the module) the function was handed
+        return _object_path(bound, {k: v for k, v in bindings.items() if k != expr.id}, depth + 1)
+    return None
+
+
+def _bindings(func: ast.AST) -> dict[str, ast.AST]:
+    out: dict[str, ast.AST] = {}
+    for node in ast.walk(func):
+        if isinstance(node, (ast.For, ast.comprehension)):
+            target = node.target
+            names = [target] if isinstance(target, ast.Name) else list(getattr(target, "elts", []))
+            for t in names:
+                if isinstance(t, ast.Name):
+                    out[t.id] = node.iter
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            value = node.value
+            navigates = isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and value.func.attr in (
+                "get_submodule", "parameters", "named_parameters", "modules", "children", "named_modules"
+            )
+            if isinstance(value, (ast.Attribute, ast.Subscript)) or navigates:  # an alias of a part
+                out.setdefault(node.targets[0].id, value)
+            # anything else (`model = build()`) makes the name a root
+    return out
+
+
+def script_freezes(filename: str) -> list[tuple[Optional[str], SourceLocation]]:
+    """Every freezing statement of ``filename`` (functions and module body) with the module path
+    it writes (see :func:`_object_path`); memoised per file version."""
+    import os
+
+    from .source import _walk_own_body
+
+    try:
+        mtime = os.stat(filename).st_mtime
+    except OSError:
+        return []
+    cached = _SCRIPT_FREEZES.get(filename)
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
+    tree = parse_file(filename)
+    found: list[tuple[Optional[str], SourceLocation]] = []
+    if tree is not None:
+        bodies: list[tuple[ast.AST, str]] = [(tree, "<module>")]
+        bodies += [(n, n.name) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        for body, function in bodies:
+            bindings = _bindings(body)
+            for node in _walk_own_body(body):
+                hit = _freeze_target(node)
+                if hit is None:
+                    continue
+                expr, line = hit
+                path = _object_path(expr, bindings)
+                found.append((path, SourceLocation(filename, line, function, source_line(filename, line))))
+    found.sort(key=lambda t: t[1].line)
+    _SCRIPT_FREEZES[filename] = (mtime, found)
+    return found
+
+
+def _covers(path: str, name: str) -> bool:
+    """Whether a written path covers parameter ``name``: a dotted segment run of it, anchored at
+    the start or after a dot (a wrapper's prefix, or a 5.x alias property skipping ``model.``)."""
+    return path == "" or ("." + path + ".") in ("." + name + ".")
+
+
+def script_freeze_sites(
+    frozen_names: list[str], near: list[str], loaded: list[str] = ()
+) -> tuple[dict[str, SourceLocation], dict[str, SourceLocation]]:
+    """Where the user's scripts froze each of ``frozen_names``: ``(sure, guessed)``.
+
+    Args:
+        frozen_names: parameter names.
+        near: the files of the user's frames on the stack and ``__main__`` (the training
+            script and what it is running).
+        loaded: the user's other loaded modules.
+
+    ``sure``: a statement of ``near`` whose written path covers the name (the most specific
+    one; the earliest file among equals). ``guessed``, for the names left: the first statement
+    of ``near`` whose target is not written out (``model.get_submodule(name).requires_grad_(False)``),
+    else a statement of ``loaded`` whose path starts the name (a helper module the script called;
+    in a test session it may be another test's), else a whole-object freeze of ``near``
+    (``model.requires_grad_(False)``).
+    """
+    near_statements = [s for f in near for s in script_freezes(f)]
+    loaded_statements = [s for f in loaded for s in script_freezes(f)]
+    unresolved = next((loc for path, loc in near_statements if path is None), None)
+    blanket = next((loc for path, loc in near_statements if path == ""), None)
+    sure: dict[str, SourceLocation] = {}
+    guessed: dict[str, SourceLocation] = {}
+    for name in frozen_names:
+        site = _most_specific(near_statements, name)
+        if site is not None:
+            sure[name] = site
+            continue
+        site = unresolved or _most_specific(loaded_statements, name, anchored=True) or blanket
+        if site is not None:
+            guessed[name] = site
+    return sure, guessed
+
+
+def _most_specific(
+    statements: list[tuple[Optional[str], SourceLocation]], name: str, anchored: bool = False
+) -> Optional[SourceLocation]:
+    """The covering statement with the longest path; ``anchored``: the path must start the name."""
+    best: Optional[tuple[str, SourceLocation]] = None
+    for path, location in statements:
+        covers = name.startswith(path + ".") if anchored and path else _covers(path or "", name)
+        if path and covers and (best is None or len(path) > len(best[0])):
+            best = (path, location)
+    return best[1] if best is not None else None
+
+
+__all__ = ["FreezeWatch", "grad_left_off", "script_freeze_sites", "script_freezes", "static_freeze_sites"]

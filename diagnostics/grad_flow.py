@@ -109,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, default=1, metavar="N",
                         help="diagnose N batches (the failure may depend on the batch); MODEL_DIR mode")
     parser.add_argument("--data", metavar="FILE.jsonl",
-                        help="MODEL_DIR mode: build the batches from your own data (one JSON object per line: "
-                        "{'messages': [...]} chat, or {'history', 'prompt', 'response'}) instead of the synthetic task")
+                        help="MODEL_DIR mode: build the batches from your own data instead of the synthetic task: "
+                        "the JSONL chats ocrmem.train --train-data reads ({'messages': [...]} or ShareGPT "
+                        "{'conversations': [...]}; one sample per assistant turn, batched as training batches them), "
+                        "or {'history', 'prompt', 'response'} rows")
     parser.add_argument("--batch-size", type=int, default=2, metavar="B", help="rows per batch in MODEL_DIR mode (default 2)")
     parser.add_argument("--seed-path", action="store_true",
                         help="MODEL_DIR mode: feed whole chats as input_ids only, as the original training code did; "

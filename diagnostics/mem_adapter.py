@@ -50,7 +50,10 @@ LAST_FREEZE_SITES: dict[str, SourceLocation] = {}
 #: what rendering the ``data`` rows of the last :func:`load_model_dir` call found (None without data).
 LAST_DATA_SCAN: Optional[DataScan] = None
 
-_ROW_FORMAT = "one JSON object per line: {\"messages\": [...]} (chat) or {\"history\", \"prompt\", \"response\"}"
+_ROW_FORMAT = (
+    "one JSON object per line: a chat as `ocrmem.train --train-data` reads it ({\"messages\": [...]} or ShareGPT's "
+    "{\"conversations\": [...]}), or {\"history\", \"prompt\", \"response\"}"
+)
 _MISSING_COUNT = re.compile(r"^([\d,]+) characters")
 
 
@@ -114,8 +117,11 @@ def load_model_dir(
         check_model_dir(path)
     n_batches = max(1, n_batches)
     lines: list[int] = []
+    chats = False
     if data is not None:  # before loading the model: a bad file fails in a second, not after the load
-        examples, lines = read_data_rows(ocrmem, data)
+        examples, lines, chats = read_data_rows(ocrmem, data)
+        if chats and seed_path:
+            examples = [seed_path_row(sample, line) for sample, line in zip(examples, lines)]
     if path is None:
         path = _tiny_dir()
     path = Path(path)
@@ -135,11 +141,14 @@ def load_model_dir(
     expect = expect_trainable_for(model)
     if data is None:
         examples = ocrmem.data.synthetic_memory_examples(n_batches * batch_size, seed=seed)
-    collate = (
-        (lambda rows: ocrmem.data.seed_path_batch(model.tokenizer, rows))
-        if seed_path
-        else ocrmem.data.MemoryCollator.for_model(model)
-    )
+    if seed_path:
+        collate: Any = lambda rows: ocrmem.data.seed_path_batch(model.tokenizer, rows)  # noqa: E731
+    elif chats:  # the trainer's own collator: the batches training would see
+        import ocrmem.chat_data
+
+        collate = ocrmem.chat_data.ChatCollator.for_model(model)
+    else:
+        collate = ocrmem.data.MemoryCollator.for_model(model)
     batches = []
     for i in range(n_batches):
         rows = examples[i * batch_size : (i + 1) * batch_size]
@@ -162,6 +171,7 @@ def load_model_dir(
             batches_built=len(batches),
             batch_size=batch_size,
             seed_path=seed_path,
+            chats=chats,
             context_threshold=model.config.context_threshold,
             max_pages=model.config.max_pages,
             font_path=model.renderer.font_path,
@@ -169,16 +179,30 @@ def load_model_dir(
     return LoadedModel(model, batches, expect, triage.findings(model, expect))
 
 
-def read_data_rows(ocrmem: Any, data: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """The examples of a JSONL file and the (1-based) line of each, checked for the row format.
+class DataRows(NamedTuple):
+    """What :func:`read_data_rows` returns (unpacks as ``(examples, lines)``)."""
+
+    examples: list[dict[str, Any]]
+    lines: list[int]
+    #: the rows are chats, one example per assistant turn (``{"context", "reply"}``), read by
+    #: :func:`ocrmem.chat_data.read_chats` exactly as ``ocrmem.train --train-data`` reads them.
+    chats: bool = False
+
+
+def read_data_rows(ocrmem: Any, data: str | Path) -> DataRows:
+    """The examples of a JSONL file and the (1-based) line of each.
+
+    A file of chats (``messages`` or ShareGPT ``conversations``) is read by the trainer's own
+    reader, so the diagnosis sees the samples training sees: one per assistant turn, the
+    history split by ``context_threshold``. A file of ``{"history", "prompt", "response"}``
+    rows (the synthetic task's format) is read as such.
 
     Raises:
         CannotRunError: missing file, not UTF-8 text, a line that is not a JSON object, a row in
-            neither accepted format (the message names ``FILE:LINE`` and the format).
+            neither accepted format (the message names ``FILE:LINE`` and the field).
     """
     path = Path(data)
     try:
-        examples = ocrmem.data.load_jsonl_examples(path)
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise CannotRunError(f"--data `{data}` does not exist; give a JSONL file, {_ROW_FORMAT}") from exc
@@ -189,11 +213,24 @@ def read_data_rows(ocrmem: Any, data: str | Path) -> tuple[list[dict[str, Any]],
         ) from exc
     except OSError as exc:
         raise CannotRunError(f"reading --data `{data}` failed: {exc}") from exc
-    except ValueError as exc:  # ocrmem's ConfigError: bad JSON line, or a chat in the wrong shape
-        message = str(exc)
-        if str(path) not in message:  # a chat in the wrong shape: find its line
-            message = f"{path}:{_bad_chat_line(ocrmem, path)}: {message}"
-        raise CannotRunError(f"--data: {message} Expected {_ROW_FORMAT}.") from exc
+    if _first_row_is_chat(text):
+        import ocrmem.chat_data as chat_data
+
+        try:
+            chats = chat_data.read_chats(path)
+        except ValueError as exc:  # ChatDataError: names file:line and the field
+            raise CannotRunError(f"--data: {exc} Expected {_ROW_FORMAT}.") from exc
+        examples: list[dict[str, Any]] = []
+        lines: list[int] = []
+        for turns, number in zip(chats.chats, chats.lines):
+            samples = chat_data.chat_samples([turns])
+            examples.extend(samples)
+            lines.extend([number] * len(samples))
+        return DataRows(examples, lines, chats=True)
+    try:
+        examples = ocrmem.data.load_jsonl_examples(path)
+    except ValueError as exc:  # ocrmem's ConfigError: a bad JSON line, or a row in the wrong shape
+        raise CannotRunError(f"--data: {exc} Expected {_ROW_FORMAT}.") from exc
     lines = [number for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not examples:
         raise CannotRunError(f"--data `{data}` holds no examples; expected {_ROW_FORMAT}")
@@ -204,19 +241,40 @@ def read_data_rows(ocrmem: Any, data: str | Path) -> tuple[list[dict[str, Any]],
                 f"--data {path}:{number}: unknown row format (keys {sorted(example)}; {bad} missing or not "
                 f"strings); expected {_ROW_FORMAT}"
             )
-    return examples, lines
+    return DataRows(examples, lines)
 
 
-def _bad_chat_line(ocrmem: Any, path: Path) -> Any:
-    """The first line whose ``messages`` :func:`ocrmem.data.split_chat` rejects (``?`` if none)."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+def _first_row_is_chat(text: str) -> bool:
+    """Whether the first non-blank line is a JSON object with ``messages`` or ``conversations``."""
+    for line in text.splitlines():
+        if not line.strip():
+            continue
         try:
-            row = json.loads(line) if line.strip() else {}
-            if isinstance(row, dict) and "messages" in row:
-                ocrmem.data.split_chat(row["messages"])
-        except (ValueError, TypeError, AttributeError, KeyError):
-            return number
-    return "?"
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            return False  # the row reader names the line
+        return isinstance(row, dict) and ("messages" in row or "conversations" in row)
+    return False
+
+
+def seed_path_row(sample: dict[str, Any], line: int) -> dict[str, str]:
+    """A chat sample as the seed path's ``{"history", "prompt", "response"}`` row (the whole chat up
+    to the reply, as the user's own training tokenised it).
+
+    Raises:
+        CannotRunError: the reply does not follow a user turn (the seed path's chat shape).
+    """
+    from ocrmem.data import format_turn
+
+    context = sample["context"]
+    if not context or context[-1]["role"] != "user":
+        before = context[-1]["role"] if context else "nothing"
+        raise CannotRunError(
+            f"--seed-path: line {line}: an assistant turn follows {before}, not a user turn; the seed path's "
+            "chats alternate user -> assistant. Drop --seed-path to diagnose these chats as ocrmem.train trains on them."
+        )
+    history = "".join(format_turn(t["role"], t["content"]) for t in context[:-1])
+    return {"history": history, "prompt": context[-1]["content"], "response": sample["reply"]}
 
 
 def _is_render_warning(ocrmem: Any, w: warnings.WarningMessage) -> bool:
@@ -234,7 +292,8 @@ def scan_rows(
 ) -> list[RowCheck]:
     """Render each row's history as the batch path does and record what the renderer warned.
 
-    Fast path: the collator renders ``history`` with its renderer and ``max_pages``. Seed
+    Fast path: the collator renders ``history`` with its renderer and ``max_pages`` (a chat
+    sample: the history :class:`ocrmem.chat_data.ChatCollator` splits off by ``context_threshold``). Seed
     path: the model splits the whole chat (history only when longer than
     ``context_threshold``), decodes it and renders it with its own renderer.
     """
@@ -244,7 +303,12 @@ def scan_rows(
         renderer, max_pages = collate.renderer, collate.max_pages
     checks = []
     for index, (example, line) in enumerate(zip(examples, lines)):
-        text = example["history"]
+        if "context" in example:  # a chat sample: the history ChatCollator renders
+            ids = [i for turn in collate.tokens.turn_ids(example["context"]) for i in turn]
+            history, _ = collate.tokens.split(ids)
+            text = collate.tokenizer.decode(history, skip_special_tokens=False) if history else ""
+        else:
+            text = example["history"]
         if seed_path:
             ids = ocrmem.data.seed_path_batch(model.tokenizer, [example])["input_ids"][0].tolist()
             history, _, _ = model.split_history(ids)
@@ -273,7 +337,9 @@ __all__ = [
     "LAST_FREEZE_SITES",
     "LoadedModel",
     "expect_trainable_for",
+    "DataRows",
     "load_model_dir",
     "read_data_rows",
+    "seed_path_row",
     "scan_rows",
 ]

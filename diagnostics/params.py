@@ -253,6 +253,7 @@ def check_expectations(
     model: nn.Module,
     expect_trainable: Optional[Sequence[str]] = None,
     freeze_sites: Optional[dict[str, Any]] = None,
+    guessed_sites: Optional[dict[str, Any]] = None,
 ) -> list[Finding]:
     """Findings for a model with no trainable parameters or unmet expectations.
 
@@ -272,7 +273,9 @@ def check_expectations(
     findings: list[Finding] = []
     named = list(model.named_parameters())
     if not any(p.requires_grad for _, p in named):
-        findings.append(no_trainable_params.finding(len(named)))
+        known = {**(guessed_sites or {}), **(freeze_sites or {})}
+        site = next((known[n] for n, _ in named if n in known), None)  # where the expected ones were frozen
+        findings.append(no_trainable_params.finding(len(named), site))
     for pattern in expect_trainable or ():
         hits = [(n, p) for n, p in named if matches(n, pattern)]
         if not hits:
@@ -281,9 +284,11 @@ def check_expectations(
         frozen = [n for n, p in hits if not p.requires_grad]
         if not frozen:
             continue
-        site = None
+        site = guess = None
         if freeze_sites:
             site = next((freeze_sites[n] for n in frozen if n in freeze_sites), None)
+        if site is None and guessed_sites:
+            site = guess = next((guessed_sites[n] for n in frozen if n in guessed_sites), None)
         peft = not_trainable.is_peft(model)
         names: list[str] = []
         prefix = ""
@@ -291,7 +296,9 @@ def check_expectations(
             base = model.get_base_model()
             names = [n for n, _ in base.named_modules(remove_duplicate=False)]
             prefix = next((n for n, m in model.named_modules() if m is base), "")
-        findings.append(not_trainable.frozen_expected(pattern, frozen, len(hits), site, peft, names, prefix))
+        findings.append(
+            not_trainable.frozen_expected(pattern, frozen, len(hits), site, peft, names, prefix, guessed=guess is not None)
+        )
     return findings
 
 

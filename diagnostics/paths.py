@@ -5,6 +5,7 @@ Torch-free on purpose (see :mod:`diagnostics.grad_flow`).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,6 +22,16 @@ def check_model_dir(path: str | Path) -> None:
         raise CannotRunError(f"MODEL_DIR `{path}` is not a directory; {fix}")
     if not (path / "config.json").is_file():
         raise CannotRunError(f"MODEL_DIR `{path}` has no config.json: not a MEMModel directory; {fix}")
+    try:
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # the loader names what is wrong with the file
+    if isinstance(model_type, str) and model_type != "ocrmem":
+        raise CannotRunError(
+            f"MODEL_DIR `{path}` holds a {model_type!r} model, not a MEMModel (model_type 'ocrmem'). To diagnose "
+            "any other model, write a factory that builds it and a batch and run `python -m diagnostics.grad_flow "
+            "--factory my_check.py:build --expect-trainable PREFIX` (see --help); for MEMModel, " + fix
+        )
 
 
 def check_output_path(option: str, target: str, example: str = "report.json") -> None:

@@ -21,7 +21,7 @@ import importlib.util
 import os
 import sysconfig
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional, Sequence
 
@@ -172,6 +172,8 @@ class _ParsedFile:
     mtime: float
     lines: list[str]
     tree: Optional[ast.Module]
+    #: (function, first line, current line) -> :func:`scan_function`'s answer for this version of the file.
+    scans: dict[tuple[str, int, Optional[int]], Optional["GradDisableSite"]] = field(default_factory=dict)
 
 
 _PARSED: dict[str, _ParsedFile] = {}
@@ -227,7 +229,8 @@ def _render(node: ast.AST) -> str:
 
 def _walk_own_body(func: ast.AST) -> Iterator[ast.AST]:
     """Walk a function's body without descending into nested functions or classes."""
-    stack: list[ast.AST] = list(getattr(func, "body", []))
+    nested = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
+    stack: list[ast.AST] = [n for n in getattr(func, "body", []) if not isinstance(n, nested)]
     while stack:
         node = stack.pop()
         yield node
@@ -276,9 +279,20 @@ def scan_function(
     Returns:
         The site, or ``None`` when the function holds no such construct.
     """
-    tree = parse_file(filename)
-    if tree is None:
+    parsed = _parsed(filename)
+    if parsed is None or parsed.tree is None:
         return None
+    # Answers are immutable and depend only on this version of the file: a training loop
+    # diagnosing every N steps scans the same frames each time.
+    key = (function, first_line, current_line)
+    if key not in parsed.scans:
+        parsed.scans[key] = _scan_function(parsed.tree, filename, function, first_line, current_line)
+    return parsed.scans[key]
+
+
+def _scan_function(
+    tree: ast.Module, filename: str, function: str, first_line: int, current_line: Optional[int]
+) -> Optional[GradDisableSite]:
     if function == "<module>":
         func_node: Optional[ast.AST] = tree
     else:

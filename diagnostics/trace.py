@@ -78,6 +78,9 @@ _REQUIRES_GRAD_ = _TENSOR.requires_grad_
 _CUT, _SWITCH, _REQUIRES = 1, 2, 3
 _SPECIAL: dict[Any, int] = {**{f: _CUT for f in _CUT_OPS}, _SET_GRAD: _SWITCH, _REQUIRES_GRAD_: _REQUIRES, _REQUIRES_GRAD_SET: _REQUIRES}
 _grad_enabled = torch.is_grad_enabled
+#: Inside the module hooks the tensor reads (``requires_grad``, ``grad_fn``, storages) must not
+#: come back through :class:`_OpWatch`: each would cost a Python ``__torch_function__`` call.
+_NO_TORCH_FUNCTION = torch._C.DisableTorchFunction
 
 _MAX_NODES_PER_CALL = 8
 _MAX_SOURCES_PER_EVENT = 8
@@ -392,7 +395,8 @@ class ForwardTrace:
             return
         self.busy = True
         try:
-            self._enter(module, args, registered=id(module) in self.names)
+            with _NO_TORCH_FUNCTION():
+                self._enter(module, args, registered=id(module) in self.names)
         finally:
             self.busy = False
 
@@ -401,7 +405,8 @@ class ForwardTrace:
             return
         self.busy = True
         try:
-            self._exit(module, output, kwargs)
+            with _NO_TORCH_FUNCTION():
+                self._exit(module, output, kwargs)
         finally:
             self.busy = False
 

@@ -48,8 +48,12 @@ model; how it gets gradients decides whether it disturbs the engine:
   once per rank (no "try the next batch"), so every rank runs the same forwards and gathers.
   Rank-local re-diagnoses (a loss without ``grad_fn``) are skipped there for the same reason.
 
-Under DeepSpeed the gradients live in DeepSpeed's buffers, not in ``param.grad``, so the
-per-step gradient checks and ``proj_grad_norm`` are off there (the loss checks stay).
+Under DeepSpeed the gradients live in DeepSpeed's buffers, not in ``param.grad``. The per-step
+checks read each micro-batch's gradient instead as it arrives at the parameter (a tensor hook on
+the leaf, which runs before ``AccumulateGrad`` and so before DeepSpeed's reduction), rank-local:
+finite, and non-zero when this rank's micro-batch used memory. ``proj_grad_norm`` is not logged
+there (it would be a rank-local figure beside HF's global ``grad_norm``, which under adapter-only
+training is already the norm of the trainable adapter's gradient).
 """
 
 from __future__ import annotations
@@ -136,10 +140,12 @@ class GradFlowCallback(TrainerCallback):
 
     Attributes:
         report: The first-batch diagnostics report (``None`` before, or when it could not run).
-        last_grad_norm: The watched parameters' gradient norm at the last optimizer step.
+        last_grad_norm: The watched parameters' gradient norm at the last optimizer step (``None``
+            under DeepSpeed, see the module docstring).
         stats: ``micro_batches``, ``empty_memory_batches``, ``memory_used`` (one bool per
-            micro-batch, in order) and ``step_losses`` (``(step, mean micro-batch loss)`` per
-            optimizer step, unrounded) of this process.
+            micro-batch, in order), ``step_losses`` (``(step, mean micro-batch loss)`` per
+            optimizer step, unrounded) and ``checked_grad_norms`` (``(step, norm)`` the per-step
+            check judged: after the all-reduce under DDP, rank-local under DeepSpeed) of this process.
     """
 
     MAX_DIAGNOSIS_TRIES = 3  # batches in which the adapter took no part before settling for that
@@ -179,7 +185,7 @@ class GradFlowCallback(TrainerCallback):
         self._busy = False  # True while the diagnostics engine runs the model itself
         self._diagnosed = not self.diagnose_first_batch
         self._diagnosis_tries = 0
-        self._grad_checks = True
+        self._engine_grads = False  # DeepSpeed: gradients read from tensor hooks, not param.grad
         self._check_grad_finite = True
         self._sharded = False  # ZeRO-3 / FSDP: parameters gathered by collectives in forward
         self._step_norm: float | None = None  # set by on_gradients_ready (AdapterOnlyTrainer)
@@ -191,7 +197,8 @@ class GradFlowCallback(TrainerCallback):
         self._best: float | None = None  # best window mean so far
         self._stalled = 0  # windows without progress in a row
         self._stalled_total = 0  # ... in the whole run (rate-limits the warning)
-        self.stats = {"micro_batches": 0, "empty_memory_batches": 0, "memory_used": [], "step_losses": []}
+        self.stats = {"micro_batches": 0, "empty_memory_batches": 0, "memory_used": [], "step_losses": [],
+                      "checked_grad_norms": []}
 
     # ------------------------------------------------------------------ events
 
@@ -201,8 +208,9 @@ class GradFlowCallback(TrainerCallback):
         if model is None:
             raise ValueError("GradFlowCallback needs the model (the Trainer passes it to callbacks).")
         self._model, self._control, self._global_step = model, control, state.global_step
-        # DeepSpeed keeps gradients in its own partitioned buffers: param.grad says nothing there.
-        self._grad_checks = not getattr(args, "deepspeed", None)
+        # DeepSpeed keeps gradients in its own partitioned buffers: param.grad says nothing there,
+        # so the checks read each micro-batch's gradient on its way into the parameter.
+        self._engine_grads = bool(getattr(args, "deepspeed", None))
         self._sharded = _sharded_engine(args)
         # fp16 loss scaling overflows on purpose now and then; the scaler skips those steps.
         self._check_grad_finite = not getattr(args, "fp16", False)
@@ -216,8 +224,10 @@ class GradFlowCallback(TrainerCallback):
             )
         self._handles.append(model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._post_forward, with_kwargs=True))
-        if self._grad_checks:
-            for name, param in watched:
+        for name, param in watched:
+            if self._engine_grads:
+                self._handles.append(param.register_hook(self._incoming_grad_hook(name)))
+            else:
                 self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(name)))
 
     def on_gradients_ready(self, state: Any = None) -> None:
@@ -226,7 +236,7 @@ class GradFlowCallback(TrainerCallback):
         :class:`~ocrmem.training.AdapterOnlyTrainer` calls this right before HF computes
         ``grad_norm``, so ``proj_grad_norm`` is measured on the same tensors at the same moment.
         """
-        if not self._grad_checks or self._model is None:
+        if self._engine_grads or self._model is None:
             return
         grads = [p.grad for n, p in self._model.named_parameters() if p.requires_grad and self._watched(n) and p.grad is not None]
         if grads:
@@ -236,7 +246,7 @@ class GradFlowCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._global_step = state.global_step
-        if self._grad_checks and self._model is not None:
+        if self._model is not None:
             self._check_step_gradient()
         self._step_norm = None
 
@@ -339,6 +349,17 @@ class GradFlowCallback(TrainerCallback):
 
         return hook
 
+    def _incoming_grad_hook(self, name: str) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            # One call per micro-batch with that micro-batch's gradient (not yet accumulated):
+            # sum the squares over the step. Read only; the gradient goes on unchanged.
+            if not self._busy and grad is not None:
+                square = grad.detach().float().pow(2).sum()
+                previous = self._grad_sq.get(name)
+                self._grad_sq[name] = square if previous is None else previous + square
+
+        return hook
+
     def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -352,7 +373,9 @@ class GradFlowCallback(TrainerCallback):
             norm = self._step_norm
         else:  # rank-local, from the accumulate hooks
             norm = math.sqrt(float(sum(self._grad_sq.values()))) if self._grad_sq else 0.0
-        self.last_grad_norm = norm
+        # Under DeepSpeed the figure is rank-local (summed over micro-batches): checked, not logged.
+        self.last_grad_norm = None if self._engine_grads else norm
+        self.stats["checked_grad_norms"].append((step, norm))
         if self._check_grad_finite and not math.isfinite(norm):
             self._stop(
                 "nan_grad",

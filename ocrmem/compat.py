@@ -25,6 +25,15 @@ def has_qwen3() -> bool:
     return hasattr(transformers, "Qwen3ForCausalLM")
 
 
+def has_model_class(name: str) -> bool:
+    """Whether this transformers ships the model class ``name`` (``"Idefics3ForConditionalGeneration"``):
+    the multimodal families arrived at different versions (Qwen2-VL 4.45, SmolVLM 4.50, ...)."""
+    try:
+        return getattr(transformers, name, None) is not None
+    except (ImportError, RuntimeError):  # a lazy module whose optional dependency is missing
+        return False
+
+
 def tiny_llm_classes() -> tuple[type, type]:
     """The (config class, model class) pair the tiny preset builds: Qwen3, else Qwen2."""
     if has_qwen3():
@@ -180,6 +189,7 @@ __all__ = [
     "disable_activation_checkpointing",
     "dtype_kwarg",
     "enable_activation_checkpointing",
+    "has_model_class",
     "has_qwen3",
     "is_activation_checkpointing",
     "is_causal_lm_type",

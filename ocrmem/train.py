@@ -541,6 +541,18 @@ def save_rank_weights(trainer: Any, model: Any, callback: Any, output_dir: Path)
     (output_dir / f"rank{rank}.json").write_text(json.dumps(stats), encoding="utf-8")
 
 
+def format_loss_change(step_losses: list[tuple[int, float]], world_size: int = 1) -> str:
+    """``loss 7.2202 (step 1) -> 6.9911 (step 200)`` from the callback's per-step losses (every step
+    this run trained, not only the logged ones; this process's batches when there are several)."""
+    if not step_losses:
+        return "no step finished"
+    (first_step, first), (last_step, last) = step_losses[0], step_losses[-1]
+    where = ", this rank's batches" if world_size > 1 else ""
+    if first_step == last_step:
+        return f"loss {first:.4f} (step {first_step}{where})"
+    return f"loss {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step}{where})"
+
+
 def finish(trainer: Any, output_dir: Path, *, save_adapter: bool) -> dict[str, Any]:
     """Write the final adapter, ``trainer_state.json`` and the loss curve (main process only)."""
     if save_adapter:
@@ -551,9 +563,8 @@ def finish(trainer: Any, output_dir: Path, *, save_adapter: bool) -> dict[str, A
     tmp = state_file.with_name(f".{state_file.name}.{os.getpid()}.tmp")
     trainer.state.save_to_json(str(tmp))
     os.replace(tmp, state_file)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     curve = plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
-    return {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None, "curve": curve}
+    return {"curve": curve}
 
 
 def run(opts: argparse.Namespace) -> int:
@@ -662,7 +673,7 @@ def train_and_report(trainer: Any, model: Any, callback: Any, opts: argparse.Nam
         resumed = f" (resumed at step {steps.start_step}, now at {trainer.state.global_step})" if steps.start_step else ""
         print(
             f"trained {steps.trained(trainer.state)} steps{resumed} in {elapsed:.0f} s on {args.device} "
-            f"(world size {args.world_size}): loss {summary['first_loss']} -> {summary['last_loss']}\n"
+            f"(world size {args.world_size}): {format_loss_change(callback.stats.get('step_losses', []), args.world_size)}\n"
             f"{format_eval(metrics)}"
             f"adapter: {weights} ({weights.stat().st_size:,} bytes) + config.json "
             f"(loads with MEMModel.from_pretrained({str(output_dir)!r}))\n"

@@ -26,8 +26,8 @@ def finding(scan: "DataScan") -> Optional[Finding]:
     plural = "es" if scan.batches_built != 1 else ""
     return Finding(
         WARNING, NAME,
-        f"--batches {scan.batches_asked} asked for {scan.batches_asked} batches of {scan.batch_size} rows, but "
-        f"{scan.path} holds {scan.available} rows: diagnosed {scan.batches_built} batch{plural}. Give more rows "
+        f"--batches {scan.batches_asked} asked for {scan.batches_asked} batches of {scan.batch_size} {scan.unit}, but "
+        f"{scan.path} holds {scan.available} {scan.unit}: diagnosed {scan.batches_built} batch{plural}. Give more rows "
         "or a smaller --batches.",
         file=scan.path,
         extra={"batches_asked": scan.batches_asked, "batches_built": scan.batches_built, "rows": scan.available},

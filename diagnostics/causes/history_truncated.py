@@ -29,7 +29,7 @@ def finding(scan: "DataScan") -> Optional[Finding]:
     first = rows[0]
     return row_finding(
         scan, WARNING, NAME, rows,
-        f"the history of {len(rows)} of {len(scan.rows)} rows ({lines_phrase([r.line for r in rows])}) "
+        f"the history of {len(rows)} of {len(scan.rows)} {scan.unit} ({lines_phrase([r.line for r in rows])}) "
         f"needs more than max_pages={scan.max_pages} pages, so its oldest pages are dropped and the model never "
         f"sees them (line {first.line}: needs {first.needed} pages, kept the last {first.pages}). Raise "
         "`max_pages` in config.json (None keeps every page) or shorten the history.",

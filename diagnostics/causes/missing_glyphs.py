@@ -34,7 +34,7 @@ def finding(scan: "DataScan") -> Optional[Finding]:
     first = rows[0]
     return row_finding(
         scan, WARNING, NAME, rows,
-        f"{chars:,} characters in the history of {len(rows)} of {len(scan.rows)} rows "
+        f"{chars:,} characters in the history of {len(rows)} of {len(scan.rows)} {scan.unit} "
         f"({lines_phrase([r.line for r in rows])}) are drawn as empty boxes: font {scan.font_path!r} has "
         "no glyph for them, so the OCR encoder reads nothing there and proj learns from blanks. "
         f"Line {first.line}: {first.missing_message} (in a MEMModel dir: `font_path` in config.json)",

@@ -37,7 +37,10 @@ def finding(scan: "DataScan") -> Optional[Finding]:
     why = (
         f"the history is at most context_threshold={scan.context_threshold} tokens, too short to compress, so "
         "the model keeps it as text"
-        if scan.seed_path else "the `history` is empty"
+        if scan.seed_path
+        else f"the context before the reply is at most context_threshold={scan.context_threshold} tokens, so it "
+        "stays text (as ocrmem.train trains it)"
+        if scan.chats else "the `history` is empty"
     )
     if empty_batches:
         share = (
@@ -46,11 +49,11 @@ def finding(scan: "DataScan") -> Optional[Finding]:
             "no gradient."
         )
     else:
-        share = f"0 of {scan.batches_built} batches are without memory; proj still trains on the other rows."
+        share = f"0 of {scan.batches_built} batches are without memory; proj still trains on the other {scan.unit}."
     return row_finding(
         scan, WARNING if empty_batches else INFO, NAME, empty,
-        f"{len(empty)} of {len(scan.rows)} rows ({lines_phrase([r.line for r in empty])}) get no memory pages: "
-        f"{why}. {share} Filter such rows out, or lower `context_threshold`, if they are meant to train proj.",
+        f"{len(empty)} of {len(scan.rows)} {scan.unit} ({lines_phrase([r.line for r in empty])}) get no memory pages: "
+        f"{why}. {share} Filter such {scan.unit} out, or lower `context_threshold`, if they are meant to train proj.",
         batches_without_memory=empty_batches,
         batches_total=scan.batches_built,
     )

@@ -53,6 +53,7 @@ def frozen_expected(
     peft: bool = False,
     module_names: Sequence[str] = (),
     base_prefix: str = "",
+    guessed: bool = False,
 ) -> Finding:
     """Parameters under ``pattern`` (expected to train) have ``requires_grad=False``.
 
@@ -60,10 +61,18 @@ def frozen_expected(
     every parameter that is not an adapter or listed in ``modules_to_save``;
     ``module_names`` (of the wrapped base model, which sits at ``base_prefix`` in the
     PEFT model) decide whether a ``modules_to_save`` entry can name the module alone.
+    ``guessed``: ``site`` is the likeliest freezing statement of the user's code, not one
+    known to name these parameters (a target computed at run time, another module's statement).
     """
     where = ""
     if site is not None:
         where = f"; frozen by `{site.code or 'requires_grad=False'}` at {site.display()}"
+        if guessed:
+            where = (
+                f"; most likely frozen by `{site.code or 'requires_grad=False'}` at {site.display()} "
+                "(found by a static scan of your code: no statement of the files on the stack names these "
+                "parameters)"
+            )
     module_name = pattern if not any(ch in pattern for ch in "*?[") else None
     unfreeze = (
         f"`model.{pattern}.requires_grad_(True)`"

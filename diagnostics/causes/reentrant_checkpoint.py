@@ -79,31 +79,52 @@ def _finding(ctx: "DiagnosisContext", blame: "Blame") -> Finding:
     )
 
 
+#: The HF calls and flags that turn checkpointing on: ``gradient_checkpointing_*`` (4.x, kept as
+#: deprecated aliases in 5.x) and ``activation_checkpointing_*`` (5.x).
+_ENABLE_CALLS = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
+_ENABLE_FLAGS = ("gradient_checkpointing", "activation_checkpointing")
+
+
 def _configuring_call(ctx: "DiagnosisContext") -> Optional["SourceLocation"]:
     """The user's ``gradient_checkpointing_enable(...)`` (or ``gradient_checkpointing=True``) call.
 
     Calls that pass ``use_reentrant: False`` literally are skipped: they did not set up
-    this checkpoint.
+    this checkpoint. The files of the user's frames on the stack come first (a call there,
+    literal ``True`` before a mode not written out); then the other loaded modules, where a
+    call passing ``use_reentrant: True`` literally beats one whose mode is a variable or the
+    library default (a helper such as ``enable_checkpointing(model, use_reentrant=flag)`` that
+    may never have run).
     """
     from ..source import find_calls, iter_frames, user_source_files
 
     frames = [f for f in iter_frames(sys._getframe(1)) if ctx.classifier.kind(f.f_code.co_filename) == "user"]
+    on_stack = {f.f_code.co_filename for f in frames}
+    best: Optional[tuple[tuple[bool, bool], "SourceLocation"]] = None
     for filename in user_source_files(ctx.classifier, frames):
-        for location, call in find_calls(filename, ("gradient_checkpointing_enable",), ("gradient_checkpointing",)):
-            if not _non_reentrant(call):
+        for location, call in find_calls(filename, _ENABLE_CALLS, _ENABLE_FLAGS):
+            mode = _reentrant_literal(call)
+            if mode is False:
+                continue
+            rank = (filename not in on_stack, mode is not True)  # lower is better
+            if best is None or rank < best[0]:
+                best = (rank, location)
+            if rank == (False, False):
                 return location
-    return None
+    return best[1] if best is not None else None
 
 
-def _non_reentrant(call: ast.Call) -> bool:
+def _reentrant_literal(call: ast.Call) -> Optional[bool]:
+    """The literal ``use_reentrant`` a call passes (in a kwargs dict or as a keyword); None when
+    it passes none or a non-literal."""
     for node in ast.walk(call):
         if isinstance(node, ast.Dict):
             for key, value in zip(node.keys, node.values):
                 if isinstance(key, ast.Constant) and key.value == "use_reentrant":
-                    return isinstance(value, ast.Constant) and value.value is False
+                    return value.value if isinstance(value, ast.Constant) and isinstance(value.value, bool) else None
         if isinstance(node, ast.keyword) and node.arg == "use_reentrant":
-            return isinstance(node.value, ast.Constant) and node.value.value is False
-    return False
+            value = node.value
+            return value.value if isinstance(value, ast.Constant) and isinstance(value.value, bool) else None
+    return None
 
 
 __all__ = ["FIX", "MEANING", "NAME", "check"]

@@ -65,6 +65,22 @@ class TestMainInProcess:
         err = capsys.readouterr().err.strip().splitlines()
         assert reason in err[-1]
 
+    def test_a_stock_transformers_dir_is_pointed_at_factory(self, tmp_path, capsys) -> None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, vocab_size=32)
+        LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+        capsys.readouterr()  # transformers' own progress bar
+        assert main([str(tmp_path / "llama"), "--quiet"]) == EXIT_CANNOT_RUN
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds a 'llama' model, not a MEMModel" in err[0] and "--factory" in err[0]
+
+    def test_a_memmodel_dir_passes_the_model_type_check(self, tiny_dir) -> None:
+        from diagnostics.paths import check_model_dir
+
+        check_model_dir(tiny_dir)  # raises CannotRunError otherwise
+
     @pytest.mark.parametrize(
         "device, reason",
         [

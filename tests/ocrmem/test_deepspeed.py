@@ -267,6 +267,14 @@ def test_torchrun_two_cpu_ranks_deepspeed_equals_ddp_and_resumes_bit_exactly(tmp
     assert "first batch: gradient flow into ['proj'] is healthy" in done.stderr  # the diagnosis ran, harmlessly
     assert "deepspeed_shm_comm" not in done.stdout + done.stderr  # no JIT build of DeepSpeed's CPU comm op
     _check_engine_run(out, ddp_run)
+    # The per-step gradient checks ran under DeepSpeed too, on each rank's own micro-batch: a
+    # non-zero gradient exactly where that rank's batch had memory (the zero-weighted pass of a
+    # rank without memory gives proj an exactly zero one).
+    for rank in range(2):
+        stats = json.loads((out / f"rank{rank}.json").read_text())
+        norms = stats["checked_grad_norms"]
+        assert [step for step, _ in norms] == [1, 2, 3, 4], norms
+        assert [norm > 0 for _, norm in norms] == stats["memory_used"], (rank, norms, stats["memory_used"])
     global_step = out / "checkpoint-2" / "global_step2"
     assert global_step.is_dir() and (out / "checkpoint-2" / "model.safetensors").is_file()
     with capsys.disabled():

@@ -128,7 +128,14 @@ class TestRun:
         assert code == EXIT_OK
         state = json.loads((trained_dir / "trainer_state.json").read_text())
         assert state["global_step"] == 8
-        assert "trained 2 steps (resumed at step 6, now at 8)" in capsys.readouterr().err  # this run's steps
+        err = capsys.readouterr().err
+        assert "trained 2 steps (resumed at step 6, now at 8)" in err  # this run's steps
+        # the loss change covers this run's first and last step, logged or not: logging every 2
+        # steps logs only step 8, HF's mean over steps 7 and 8, i.e. the mean of the two printed
+        logged = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+        change = re.search(r"loss (\d+\.\d{4}) \(step 7\) -> (\d+\.\d{4}) \(step 8\)", err)
+        assert change, err
+        assert (float(change.group(1)) + float(change.group(2))) / 2 == pytest.approx(logged[8], abs=1e-4)
 
     def test_resume_refuses_a_corrupt_checkpoint_naming_the_intact_one(self, trained_dir, tmp_path, capsys):
         run = tmp_path / "run"

@@ -297,3 +297,25 @@ class TestGradFlowCallback:
         trainer = make_trainer(tiny_model, tmp_path, callbacks=[GradFlowCallback()], save_strategy="no")
         with pytest.raises(TrainingStopped, match="no trainable parameter matches"):
             trainer.train()
+
+
+@pytest.mark.parametrize(
+    "second_window, warns",
+    [
+        # 0.05 lower than the first window's mean (50x min_delta) but within twice its standard
+        # error (0.5 per step of noise over 4 steps: 2 x 0.25 = 0.5): a lucky window, not progress.
+        ([1.55, 0.55, 1.55, 0.55], True),
+        # the same noise 1.0 lower: beyond 2 standard errors, real progress.
+        ([0.6, -0.4, 0.6, -0.4], False),
+    ],
+)
+def test_plateau_counts_only_improvements_beyond_the_noise(second_window, warns):
+    callback = GradFlowCallback(patience=4, min_delta=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for loss in [1.6, 0.6, 1.6, 0.6, *second_window]:
+            callback._check_plateau(loss)
+    plateau = [w for w in caught if issubclass(w.category, LossPlateauWarning)]
+    assert bool(plateau) == warns, [str(w.message) for w in plateau]
+    if warns:
+        assert "has not moved for 4 steps" in str(plateau[0].message)
