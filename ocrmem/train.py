@@ -1,6 +1,6 @@
 """Train the adapter (``proj``) of a MEMModel on your JSONL chats or the built-in synthetic memory task.
 
-    python -m ocrmem.train --output-dir runs/tiny --max-steps 200
+    python -m ocrmem.train --output-dir runs/tiny --max-steps 2000
     python -m ocrmem.train --output-dir runs/chats --train-data train.jsonl [--eval-data eval.jsonl]
 
 ``--train-data``: one chat per line, ``{"messages": [{"role", "content"}]}`` or ShareGPT's
@@ -15,8 +15,14 @@ precision through the Trainer (fp16 needs a CUDA GPU).
 
 Each example's fact ("My cat is called Luna.") lives only in the history, which is rendered to
 pages and read through the frozen OCR encoder; the question is in the recent text and the answer
-is trained on (:func:`ocrmem.data.synthetic_memory_examples`). Without ``--model-dir`` the tiny
-preset is written to ``OUTPUT_DIR/model_init`` first (random weights, a few MB, CPU-friendly).
+is trained on (:func:`ocrmem.data.synthetic_memory_examples`; ``--filler-turns`` unrelated turns
+around the fact, default 0). Without ``--model-dir`` the tiny preset is written to
+``OUTPUT_DIR/model_init`` first (random weights, a few MB, CPU-friendly), its LLM pre-trained for
+``--reader-pretrain-steps`` steps to read memory slots (:mod:`ocrmem.reader_pretraining`): a
+random frozen LLM gives ``proj`` nothing to steer. The defaults (2,000 steps of 8 rows, lr 3e-3)
+are the tiny run's: its ``eval_memory_gain`` rises from ~0 to +0.5-1.8 nats over seeds 0-2,
+after a plateau of a few hundred steps (``benchmarks/memgain/README.md``). An existing
+``OUTPUT_DIR/model_init`` is reused as it is.
 
 What ``OUTPUT_DIR`` holds afterwards:
 
@@ -94,8 +100,8 @@ EXIT_USAGE = 2
 
 EPILOG = """\
 examples:
-  # tiny preset, CPU, about a minute; then look at OUT/loss_curve.png
-  python -m ocrmem.train --output-dir OUT --max-steps 300
+  # tiny preset, CPU, 1-2 minutes (OMP_NUM_THREADS=1 on a busy machine); eval_memory_gain > 0 at the end
+  python -m ocrmem.train --output-dir OUT --max-steps 2000
 
   # your chats (OpenAI/Qwen `messages` or ShareGPT `conversations`), evaluated every 100 steps, bf16
   python -m ocrmem.train --output-dir OUT --train-data examples/chats.jsonl examples/chats_sharegpt.jsonl \
@@ -126,6 +132,11 @@ wandb: --report-to wandb needs `pip install wandb`; WANDB_MODE=offline logs with
 """
 
 
+# The tiny preset's synthetic run (no --model-dir, no --train-data); see benchmarks/memgain/README.md.
+READER_PRETRAIN_STEPS = 150  # the preset's LLM learns to read slots: held-out slot loss 7.4 -> 0.01
+SYNTHETIC_FILLER_TURNS = 0  # the fact alone on its page: linearly decodable from the random encoder's features
+
+
 class UsageError(Exception):
     """A bad argument or path: exit status 2."""
 
@@ -144,14 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_argument_group("model and output")
     where.add_argument("--output-dir", required=True, metavar="DIR", help="where checkpoints, the adapter, trainer_state.json and loss_curve.png go")
     where.add_argument("--model-dir", metavar="DIR", help="a MEMModel dir (config.json [+ model.safetensors]); default: the tiny preset")
+    where.add_argument("--reader-pretrain-steps", type=int, default=READER_PRETRAIN_STEPS, metavar="N",
+                       help="without --model-dir: first pre-train the tiny preset's random LLM for N steps to read memory "
+                            f"slots (ocrmem.reader_pretraining, ~5 s), so proj has a reader to steer; 0 = random LLM "
+                            f"(default {READER_PRETRAIN_STEPS})")
     where.add_argument("--resume-from-checkpoint", metavar="PATH|last", help="resume from a checkpoint dir, or 'last' = the newest complete one in OUTPUT_DIR")
     where.add_argument("--resume-partial", action="store_true",
                        help="resume even from a checkpoint without optimizer.pt/scheduler.pt/rng_state.pth, restarting those (a warning says which)")
 
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--max-steps", type=int, default=200, help="optimizer steps (default 200)")
-    opt.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate, linear decay (default 1e-3; the user's 8B run used 2e-4)")
-    opt.add_argument("--batch-size", type=int, default=2, help="rows per device and micro-batch (default 2)")
+    opt.add_argument("--max-steps", type=int, default=2000,
+                     help="optimizer steps (default 2000: the tiny run's memory gain appears after ~500-1000 steps)")
+    opt.add_argument("--learning-rate", type=float, default=3e-3,
+                     help="peak learning rate, linear decay (default 3e-3, the tiny run's; the user's 8B run used 2e-4)")
+    opt.add_argument("--batch-size", type=int, default=8, help="rows per device and micro-batch (default 8)")
     opt.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     opt.add_argument("--seed", type=int, default=0, help="seeds data, proj init and training (default 0)")
     opt.add_argument("--activation-checkpointing", action="store_true", help="checkpoint the LLM's layers (non-reentrant) to save memory")
@@ -174,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--font", metavar="FONT.ttf", help="font the history pages are rendered with (default: the model config's, else a CJK-capable system font)")
     data.add_argument("--num-examples", type=int, default=512, help="synthetic examples, reused across epochs (default 512)")
     data.add_argument("--num-eval-examples", type=int, default=64, help="held-out synthetic examples evaluated on; 0 = no evaluation (default 64)")
+    data.add_argument("--filler-turns", type=int, default=SYNTHETIC_FILLER_TURNS, metavar="N",
+                      help="synthetic task: unrelated chat turns around the fact in each history (default "
+                           f"{SYNTHETIC_FILLER_TURNS}: the fact alone on its page; with 6, the tiny preset's random frozen "
+                           "encoder no longer carries the fact, so no proj can read it)")
     data.add_argument("--empty-history-fraction", type=float, default=0.0, metavar="F",
                       help="fraction of examples with no history at all (no pages: proj takes no part in such rows; default 0)")
     data.add_argument("--num-workers", type=int, default=0, help="DataLoader workers that render pages (default 0)")
@@ -201,7 +222,8 @@ def validate(opts: argparse.Namespace) -> None:
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}.")
     for flag, value in {"--save-steps": opts.save_steps, "--save-total-limit": opts.save_total_limit,
-                        "--patience": opts.patience, "--num-workers": opts.num_workers}.items():
+                        "--patience": opts.patience, "--num-workers": opts.num_workers,
+                        "--reader-pretrain-steps": opts.reader_pretrain_steps, "--filler-turns": opts.filler_turns}.items():
         if value < 0:
             raise UsageError(f"{flag} must be >= 0, got {value}.")
     if not (opts.learning_rate > 0 and math.isfinite(opts.learning_rate)):
@@ -328,11 +350,13 @@ def training_arguments(opts: argparse.Namespace, output_dir: Path) -> Any:
     return TrainingArguments(**kwargs)
 
 
-def build_examples(n: int, seed: int, empty_fraction: float) -> list[dict[str, str]]:
-    """The synthetic memory task; a seeded ``empty_fraction`` of the rows get no history at all."""
+def build_examples(n: int, seed: int, empty_fraction: float,
+                   filler_turns: int = SYNTHETIC_FILLER_TURNS) -> list[dict[str, str]]:
+    """The synthetic memory task (``filler_turns`` unrelated turns around each fact); a seeded
+    ``empty_fraction`` of the rows get no history at all."""
     from .data import synthetic_memory_examples
 
-    examples = synthetic_memory_examples(n, seed=seed)
+    examples = synthetic_memory_examples(n, seed=seed, filler_turns=filler_turns)
     rng = random.Random(seed + 1)
     for example in examples:
         if rng.random() < empty_fraction:
@@ -409,7 +433,7 @@ def ensure_model_dir(opts: argparse.Namespace, output_dir: Path) -> Path:
 
     model_dir = output_dir / "model_init"
     if not (model_dir / "config.json").is_file():  # config.json is written last: its presence = complete
-        write_tiny(model_dir, seed=opts.seed)
+        write_tiny(model_dir, seed=opts.seed, reader_pretrain_steps=opts.reader_pretrain_steps)
     return model_dir
 
 
@@ -597,8 +621,9 @@ def run_locked(opts: argparse.Namespace, output_dir: Path, resume: str | None) -
     else:
         from .data import synthetic_memory_examples
 
-        train_dataset = build_examples(opts.num_examples, opts.seed, opts.empty_history_fraction)
-        eval_dataset = synthetic_memory_examples(opts.num_eval_examples, seed=opts.seed + EVAL_SEED_OFFSET)
+        train_dataset = build_examples(opts.num_examples, opts.seed, opts.empty_history_fraction, opts.filler_turns)
+        eval_dataset = synthetic_memory_examples(opts.num_eval_examples, seed=opts.seed + EVAL_SEED_OFFSET,
+                                                 filler_turns=opts.filler_turns)
         collator = MemoryCollator.for_model(model)
     if opts.eval_steps and not eval_dataset:
         raise UsageError("--eval-steps needs eval data: --eval-data, a non-zero --eval-fraction, or --num-eval-examples.")

@@ -10,7 +10,7 @@ p.add_argument('--filler', type=int, default=6); p.add_argument('--steps', type=
 p.add_argument('--bs', type=int, default=8); p.add_argument('--lr', type=float, default=1e-3)
 p.add_argument('--n', type=int, default=512); p.add_argument('--seed', type=int, default=0)
 p.add_argument('--dir', default='/tmp/memgain_tiny')
-p.add_argument('--pre', type=int, default=0); p.add_argument('--span', default='all')
+p.add_argument('--pre', type=int, default=0)  # reader pre-training steps (ocrmem.reader_pretraining)
 a = p.parse_args()
 torch.set_num_threads(2)
 t0 = time.time()
@@ -29,10 +29,12 @@ ev = prep(synthetic_memory_examples(64, seed=a.seed+10000, filler_turns=a.filler
 print('prep', time.time()-t0, 'feat', tr[0][1].shape, flush=True)
 llm = m.base_llm; mid = m.memory_token_id
 import os
-ck='/tmp/memgain_llm_%s_%d.pt'%(a.span,a.pre)
+ck='/tmp/memgain_llm_%d.pt'%a.pre
 if a.pre and os.path.exists(ck): llm.load_state_dict(torch.load(ck))
 elif a.pre:
-    from benchmarks.memgain.pretrain_reader import pretrain; pretrain(llm, m.tokenizer, mid, steps=a.pre, span=None if a.span=='all' else (1,4), bs=16); torch.save(llm.state_dict(), ck)
+    from ocrmem.reader_pretraining import pretrain_reader
+    r = pretrain_reader(llm, m.tokenizer, steps=a.pre, batch_size=16); torch.save(llm.state_dict(), ck)
+    print('pretrain first %.3f last %.3f' % (r.first_loss, r.last_loss), flush=True)
 for q in llm.parameters(): q.requires_grad_(False)
 torch.manual_seed(a.seed)
 proj = build_projector('mlp2x_gelu', tr[0][1].shape[-1], llm.get_input_embeddings().embedding_dim)

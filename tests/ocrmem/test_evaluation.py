@@ -100,18 +100,31 @@ class TestMemoryGain:
         assert "no eval batch had two rows with compressed history" in caplog.text
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: on the tiny preset (random frozen LLM and encoder) proj does not learn to read the "
-    "memory; eval_memory_gain after the README's 200-step run: +0.002 +- 0.006 nats (seeds 0, 1, 2: "
-    "+0.0056, +0.0051, -0.0053). Remove this xfail once the preset's LLM can read memory.",
-)
-def test_readme_tiny_run_ends_with_a_clearly_positive_memory_gain(tmp_path):
+@pytest.fixture
+def one_cpu_thread():
+    """Torch on one thread for the test's duration: with two, this run took ~30x longer whenever the
+    other core was busy (measured: the reader pre-training 4 s on one thread, 124 s on two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow  # 60-110 s on one CPU core
+def test_readme_tiny_run_ends_with_a_clearly_positive_memory_gain(tmp_path, one_cpu_thread):
+    """The README's tiny run (``python -m ocrmem.train --output-dir runs/tiny --max-steps 2000``, seed 0)
+    ends with the replies depending on the pages.
+
+    Measured with that command (benchmarks/memgain/README.md): final eval_memory_gain +1.311 / +1.836 /
+    +0.575 nats for seeds 0 / 1 / 2 (eval_loss 0.068 / 0.015 / 0.405); before the reader pre-training
+    and the fact-alone pages it was +0.002 +- 0.006. 0.3 is half the lowest seed's gain and 50x that noise.
+    """
     import json
 
     from ocrmem.train import EXIT_OK, main
 
-    assert main(["--output-dir", str(tmp_path), "--max-steps", "200", "--save-steps", "0", "--logging-steps", "50"]) == EXIT_OK
+    # --save-steps 0 only skips the checkpoints (the same numbers: measured); --logging-steps: a shorter log.
+    assert main(["--output-dir", str(tmp_path), "--max-steps", "2000", "--save-steps", "0", "--logging-steps", "100"]) == EXIT_OK
     evals = [h for h in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if "eval_memory_gain" in h]
-    assert evals and evals[-1]["eval_memory_gain"] > 0.1  # nats per reply token: the pages are really read
+    assert evals and evals[-1]["eval_memory_rows"] == 64
+    assert evals[-1]["eval_memory_gain"] > 0.3  # nats per reply token: the pages are really read

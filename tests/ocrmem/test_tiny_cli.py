@@ -14,6 +14,7 @@ from ocrmem.tiny import EXIT_OK, EXIT_USAGE, main
     [
         (["--seed", "x", "DIR"], "argument --seed: invalid int value: 'x'"),
         (["--readout", "pixels", "DIR"], "invalid choice: 'pixels'"),
+        (["--reader-pretrain-steps", "-1", "DIR"], "--reader-pretrain-steps must be >= 0, got -1"),
         ([], "the following arguments are required: dir"),
     ],
 )

@@ -53,6 +53,8 @@ class TestArguments:
             (["--learning-rate", "nan"], "--learning-rate must be a finite number > 0, got nan"),
             (["--seed", "-1"], "--seed must be within [0, 2**32 - 1]"),
             (["--save-steps", "-5"], "--save-steps must be >= 0, got -5"),
+            (["--reader-pretrain-steps", "-1"], "--reader-pretrain-steps must be >= 0, got -1"),
+            (["--filler-turns", "-2"], "--filler-turns must be >= 0, got -2"),
             (["--resume-partial"], "--resume-partial needs --resume-from-checkpoint"),
             (["--resume-from-checkpoint", str(Path(__file__))], "not a checkpoint dir (a file)"),
             (["--deepspeed", str(Path(__file__).parent)], "a directory, not a file"),
@@ -108,6 +110,13 @@ class TestRun:
 
     def test_checkpoints_load_and_match_the_final_adapter(self, trained_dir):
         assert sorted(p.name for p in trained_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+    def test_the_auto_written_preset_has_a_pretrained_reader(self, trained_dir):
+        from ocrmem.train import READER_PRETRAIN_STEPS
+
+        record = json.loads((trained_dir / "model_init" / "llm" / "reader_pretraining.json").read_text())
+        assert record["steps"] == READER_PRETRAIN_STEPS > 0
+        assert record["last_loss"] < record["first_loss"] / 10  # it learnt the slot-reading task
         model = MEMModel.from_pretrained(trained_dir / "checkpoint-6")
         final = load_file(str(trained_dir / "model.safetensors"))
         for name, value in model.trainable_state_dict().items():
@@ -175,7 +184,7 @@ class TestRun:
     def test_diverging_run_exits_1_with_the_finding(self, tmp_path, capsys):
         # Adam moves every weight by ~lr per step: 1e30 overflows the activations at step 2.
         code = main(["--output-dir", str(tmp_path), "--max-steps", "4", "--learning-rate", "1e30",
-                     "--save-steps", "0", "--logging-steps", "1", *TINY_RUN])
+                     "--save-steps", "0", "--logging-steps", "1", "--reader-pretrain-steps", "0", *TINY_RUN])
         assert code == EXIT_STOPPED
         err = capsys.readouterr().err
         assert "nan_loss" in err and "lower the learning rate" in err
