@@ -14,6 +14,7 @@ engine and the model are imported after a first progress line says what is loadi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -215,10 +216,10 @@ def check_device(name: str) -> Any:
     return device
 
 
-def _write_json(report: Report, target: str) -> None:
+def _write_json(report: Report, target: str, stdout: Any) -> None:
     text = json.dumps(report.to_json(), indent=2, default=str)
     if target == "-":
-        print(text)
+        print(text, file=stdout)
     else:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         Path(target).write_text(text + "\n", encoding="utf-8")
@@ -272,16 +273,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         progress(f"importing torch, then building the model with {args.factory}")
     else:
         progress(f"importing torch, then loading {args.model_dir or 'the embedded tiny MEMModel'}")
+    # With --json -, stdout carries the JSON and nothing else: whatever prints there while torch,
+    # transformers, DeepSpeed (it logs to stdout at import) and the model run goes to stderr.
+    stdout = sys.stdout
+    guard = contextlib.redirect_stdout(sys.stderr) if args.json == "-" else contextlib.nullcontext()
     try:
-        return _run(args, progress)
+        with guard:
+            return _run(args, progress, stdout)
     except CannotRunError as exc:
         return _fail(str(exc))
     except OSError as exc:  # writing --json/--graph after all (disk full, permissions changed)
         return _fail(f"{exc}; give a path in a writable folder")
 
 
-def _run(args: argparse.Namespace, progress: _Progress) -> int:
-    """The diagnosis proper: heavy imports, load, diagnose every batch, write the outputs."""
+def _run(args: argparse.Namespace, progress: _Progress, stdout: Any) -> int:
+    """The diagnosis proper: heavy imports, load, diagnose every batch, write the outputs
+    (``stdout``: the process's real standard output, for ``--json -``)."""
     import torch
 
     from .engine import diagnose, move_batch
@@ -338,7 +345,7 @@ def _run(args: argparse.Namespace, progress: _Progress) -> int:
     text_stream = sys.stderr if args.json == "-" else sys.stdout
     _print_text(report.to_text(), text_stream)
     if args.json:
-        _write_json(report, args.json)
+        _write_json(report, args.json, stdout)
     if args.graph:
         from .picture import write_graphs
 

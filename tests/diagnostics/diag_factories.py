@@ -28,3 +28,16 @@ def shape_mismatch() -> dict[str, Any]:
 
 def not_a_dict() -> list[int]:
     return [1, 2, 3]
+
+
+class _Chatty(zoo.MemLike):
+    """A model whose library code prints to stdout on every forward (as some do)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        print("chatty library: forward called")
+        return super().forward(*args, **kwargs)
+
+
+def chatty() -> dict[str, Any]:
+    print("chatty library: building the model")  # like a library's import-time log line on stdout
+    return {"model": _Chatty(), "batch": zoo.make_batch(), "expect_trainable": ["proj"]}

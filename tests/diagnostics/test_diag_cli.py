@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -120,6 +121,31 @@ class TestMainInProcess:
         assert '"proj"' in dot and "#fb6a4a" in dot  # proj is broken: red
         if shutil.which("dot"):
             assert target.read_text().lstrip().startswith(("<?xml", "<svg"))
+
+
+class TestJsonOnStdout:
+    """``--json -``: stdout is the JSON alone, whatever the model's libraries print."""
+
+    def test_prints_of_the_model_go_to_stderr(self, capsys) -> None:
+        assert main([f"--factory={FACTORIES}:chatty", "--json", "-", "--quiet"]) == EXIT_OK
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["status"] == "ok"
+        assert "chatty library: building the model" in captured.err
+        assert "chatty library: forward called" in captured.err
+
+    def test_without_json_stdout_keeps_them(self, capsys) -> None:
+        assert main([f"--factory={FACTORIES}:chatty", "--quiet"]) == EXIT_OK
+        out = capsys.readouterr().out
+        assert "chatty library: forward called" in out and "status: OK" in out
+
+    @pytest.mark.slow
+    @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed installed")
+    def test_with_deepspeed_installed_stdout_is_still_valid_json(self) -> None:
+        # DeepSpeed logs "Setting accelerator to ..." to stdout when transformers imports it.
+        result = _cli("--json", "-", "--quiet")
+        assert result.returncode == EXIT_OK, result.stderr
+        assert json.loads(result.stdout)["status"] == "ok"
+        assert "accelerator" in result.stderr.lower()
 
 
 class TestSubprocess:
