@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="FUNC() returns {'model', 'batch' (or 'batches'), optional 'expect_trainable'}")
     parser.add_argument("--expect-trainable", action="append", default=[], metavar="PREFIX",
                         help="parameter-name prefix (or fnmatch pattern like '*lora_*') that must train; repeatable")
-    parser.add_argument("--json", metavar="PATH", help="write the JSON report to PATH ('-' = stdout)")
+    parser.add_argument("--json", metavar="PATH", help="write the JSON report to PATH ('-' = stdout, which then holds the JSON alone: the text report "
+                        "and anything libraries print go to stderr)")
     parser.add_argument("--graph", metavar="PATH",
                         help="write the module-level graph: PATH.dot, rendered to .svg/.png when graphviz is installed")
     parser.add_argument("--full-graph", action="store_true",
