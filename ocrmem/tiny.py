@@ -22,8 +22,11 @@ way. Off by default, so the default weights (and the golden values the tests hol
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from .fileio import default_file_mode
@@ -157,12 +160,25 @@ def write_tiny(
         context_threshold=context_threshold,
         **config_kwargs,
     )
-    model = MEMModel(config, model_dir=root)
+    with _loader_info_muted():  # whoever loads this directory next hears them then, once
+        model = MEMModel(config, model_dir=root)
     if reader_pretrain_steps:
         _pretrain_reader(model, root / "llm", reader_pretrain_steps, seed)
     model.save_pretrained(root)
     _make_readable([*(root / "llm").iterdir(), *(root / "ocr").iterdir()])
     return root
+
+
+@contextlib.contextmanager
+def _loader_info_muted() -> Iterator[None]:
+    """The encoder loader's INFO lines (keys not loaded, read-out, normalisation) off for a while."""
+    logger = logging.getLogger("ocrmem.encoder")
+    level = logger.level
+    logger.setLevel(max(logging.WARNING, level))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 READER_PRETRAIN_BATCH_SIZE = 16  # 150 x 16 rows: held-out slot-reading loss 7.4 -> 0.01 (benchmarks/memgain)

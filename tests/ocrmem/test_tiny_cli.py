@@ -42,3 +42,22 @@ def test_writes_a_loadable_dir(tmp_path, capsys):
     assert f"wrote tiny MEMModel to {target}/" in captured.out
     assert json.loads((target / "config.json").read_text())["model_type"] == "ocrmem"
     assert (target / "llm").is_dir() and (target / "ocr").is_dir()
+
+
+def test_writing_the_preset_logs_nothing_its_first_load_says_once(tmp_path, caplog):
+    """write_tiny builds a MEMModel to save it; the loader's INFO lines belong to the load after."""
+    import logging
+
+    from ocrmem import MEMModel
+    from ocrmem.tiny import write_tiny
+
+    logger = logging.getLogger("ocrmem.encoder")
+    before = logger.level
+    with caplog.at_level(logging.INFO, logger="ocrmem.encoder"):
+        write_tiny(tmp_path / "tiny")
+        assert [r for r in caplog.records if r.name == "ocrmem.encoder"] == []
+        assert logger.level == logging.INFO  # restored to what it was around the call
+        MEMModel.from_pretrained(tmp_path / "tiny")
+        loads = [r.getMessage() for r in caplog.records if r.name == "ocrmem.encoder"]
+    assert sum("Not loading 6 key(s)" in m for m in loads) == 1 and any("read-out" in m for m in loads)
+    assert logger.level == before
