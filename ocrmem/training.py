@@ -367,9 +367,13 @@ def gather_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tenso
     """The trainable parameters as full CPU tensors, on every rank.
 
     Parameters partitioned by ZeRO-3 (``ds_id``) are gathered for the copy (every rank must call
-    this: it is a collective); others are copied as they are.
+    this: it is a collective); others are copied as they are. Under DeepSpeed bf16/fp16 the
+    optimizer's fp32 masters are returned instead of the model's rounded copies.
     """
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    masters = _fp32_masters(trainable)
+    if masters is not None:
+        return masters
     sharded = [p for _, p in trainable if hasattr(p, "ds_id")]
     if not sharded:
         return {n: p.detach().cpu().clone() for n, p in trainable}
@@ -377,6 +381,27 @@ def gather_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tenso
 
     with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
         return {n: p.detach().cpu().clone() for n, p in trainable}
+
+
+def _fp32_masters(trainable: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor] | None:
+    """Under DeepSpeed bf16/fp16 the model holds rounded copies; the optimizer updates fp32 masters.
+
+    The adapter is saved from the masters (``deepspeed.utils.safe_get_full_fp32_param``, a
+    collective on every ZeRO stage), so the file keeps what training learned, not its bf16
+    rounding. ``None`` when no trainable parameter is a low-precision DeepSpeed parameter.
+    """
+    low = [p for _, p in trainable if p.dtype in (torch.bfloat16, torch.float16)]
+    if not low or not all(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in low):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, param in trainable:
+        master = safe_get_full_fp32_param(param)
+        if master is None:
+            return None
+        out[name] = master.detach().float().cpu().clone()
+    return out
 
 
 @contextlib.contextmanager
