@@ -199,12 +199,7 @@ def _scan_class(cls: type) -> list[tuple[str, SourceLocation]]:
             continue
         loops: dict[str, ast.AST] = {}
         for node in ast.walk(func):
-            if isinstance(node, (ast.For, ast.comprehension)):
-                target = node.target
-                names = [target] if isinstance(target, ast.Name) else list(getattr(target, "elts", []))
-                for t in names:
-                    if isinstance(t, ast.Name):
-                        loops[t.id] = node.iter
+            _bind_loop_names(node, loops)
         for node in ast.walk(func):
             hit = _freeze_target(node)
             if hit is None:
@@ -296,16 +291,23 @@ def _object_path(expr: ast.AST, bindings: dict[str, ast.AST], depth: int = 0) ->
     return None
 
 
+def _bind_loop_names(node: ast.AST, out: dict[str, ast.AST]) -> bool:
+    """For a ``for`` loop or comprehension, map each loop variable to the iterable; ``True`` if it was one."""
+    if not isinstance(node, (ast.For, ast.comprehension)):
+        return False
+    target = node.target
+    for t in [target] if isinstance(target, ast.Name) else list(getattr(target, "elts", [])):
+        if isinstance(t, ast.Name):
+            out[t.id] = node.iter
+    return True
+
+
 def _bindings(func: ast.AST) -> dict[str, ast.AST]:
     out: dict[str, ast.AST] = {}
     for node in ast.walk(func):
-        if isinstance(node, (ast.For, ast.comprehension)):
-            target = node.target
-            names = [target] if isinstance(target, ast.Name) else list(getattr(target, "elts", []))
-            for t in names:
-                if isinstance(t, ast.Name):
-                    out[t.id] = node.iter
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        if _bind_loop_names(node, out):
+            continue
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             value = node.value
             navigates = isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and value.func.attr in (
                 "get_submodule", "parameters", "named_parameters", "modules", "children", "named_modules"
